@@ -1,0 +1,139 @@
+"""PolicyClient / AsyncPolicyClient: generate completions with the current policy."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator, Sequence
+
+from rlhfpb.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+from rlhf_client._base import AsyncBase, SyncBase
+from rlhf_client.convert import model_info, model_ref, swap_result
+from rlhf_client.types import (
+    Completion,
+    FinishReason,
+    GenerateResult,
+    ModelInfo,
+    SamplingParams,
+    StreamChunk,
+    SwapResult,
+)
+
+PromptLike = str | Sequence[int]
+
+
+def _params_pb(p: SamplingParams) -> policy_pb2.SamplingParams:
+    msg = policy_pb2.SamplingParams(
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        return_logprobs=p.return_logprobs,
+        reset_token=p.reset_token,
+    )
+    for name in ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "seed"):
+        value = getattr(p, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def _prompt_pb(prompt: PromptLike) -> policy_pb2.Prompt:
+    if isinstance(prompt, str):
+        return policy_pb2.Prompt(text=prompt)
+    return policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))
+
+
+def _request(cls, prompts: Sequence[PromptLike], params: SamplingParams | None, n: int | None):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    req = cls(prompts=[_prompt_pb(p) for p in prompts], params=_params_pb(params or SamplingParams()))
+    if n is not None:
+        req.n = n
+    return req
+
+
+def _result(resp: policy_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        completions=[
+            Completion(
+                prompt_index=c.prompt_index,
+                sample_index=c.sample_index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                logprobs=list(c.logprobs),
+                finish_reason=FinishReason(c.finish_reason),
+                prompt_token_ids=list(c.prompt_token_ids),
+            )
+            for c in resp.completions
+        ],
+        model=model_ref(resp.model),
+    )
+
+
+def _chunk(c: policy_pb2.GenerateStreamResponse) -> StreamChunk:
+    return StreamChunk(
+        prompt_index=c.prompt_index,
+        sample_index=c.sample_index,
+        text=c.text,
+        token_ids=list(c.token_ids),
+        logprobs=list(c.logprobs),
+        finish_reason=FinishReason(c.finish_reason),
+        reset=c.reset,
+        prompt_token_ids=list(c.prompt_token_ids),
+        model=model_ref(c.model),
+    )
+
+
+class PolicyClient(SyncBase):
+    """Blocking client. `target`: "host:port" or "dns:///svc.ns:50051" (round-robin)."""
+
+    def __init__(self, target: str, **kwargs):
+        super().__init__(target, **kwargs)
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+
+    def generate(self, prompts: Sequence[PromptLike] | str, params: SamplingParams | None = None, *,
+                 n: int | None = None, timeout: float | None = None, request_id: str | None = None) -> GenerateResult:
+        req = _request(policy_pb2.GenerateRequest, prompts, params, n)
+        return _result(self._unary(self._stub.Generate, req, timeout=timeout, request_id=request_id))
+
+    def generate_stream(self, prompts: Sequence[PromptLike] | str, params: SamplingParams | None = None, *,
+                        n: int | None = None, timeout: float | None = None,
+                        request_id: str | None = None) -> Iterator[StreamChunk]:
+        req = _request(policy_pb2.GenerateStreamRequest, prompts, params, n)
+        for msg in self._stream(self._stub.GenerateStream, req, timeout=timeout, request_id=request_id):
+            yield _chunk(msg)
+
+    def get_model(self, *, timeout: float | None = None) -> ModelInfo:
+        return model_info(self._unary(self._stub.GetModel, common_pb2.GetModelRequest(), timeout=timeout))
+
+    def load_version(self, version: str, *, timeout: float | None = None) -> SwapResult:
+        resp = self._unary(self._stub.LoadVersion, common_pb2.LoadVersionRequest(version=version),
+                           timeout=timeout, admin=True)
+        return swap_result(resp)
+
+
+class AsyncPolicyClient(AsyncBase):
+    """asyncio client (grpc.aio); same methods as PolicyClient, awaited."""
+
+    def __init__(self, target: str, **kwargs):
+        super().__init__(target, **kwargs)
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+
+    async def generate(self, prompts: Sequence[PromptLike] | str, params: SamplingParams | None = None, *,
+                       n: int | None = None, timeout: float | None = None,
+                       request_id: str | None = None) -> GenerateResult:
+        req = _request(policy_pb2.GenerateRequest, prompts, params, n)
+        return _result(await self._unary(self._stub.Generate, req, timeout=timeout, request_id=request_id))
+
+    async def generate_stream(self, prompts: Sequence[PromptLike] | str, params: SamplingParams | None = None,
+                              *, n: int | None = None, timeout: float | None = None,
+                              request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        req = _request(policy_pb2.GenerateStreamRequest, prompts, params, n)
+        async for msg in self._stream(self._stub.GenerateStream, req, timeout=timeout, request_id=request_id):
+            yield _chunk(msg)
+
+    async def get_model(self, *, timeout: float | None = None) -> ModelInfo:
+        return model_info(await self._unary(self._stub.GetModel, common_pb2.GetModelRequest(), timeout=timeout))
+
+    async def load_version(self, version: str, *, timeout: float | None = None) -> SwapResult:
+        resp = await self._unary(self._stub.LoadVersion, common_pb2.LoadVersionRequest(version=version),
+                                 timeout=timeout, admin=True)
+        return swap_result(resp)

@@ -1,0 +1,112 @@
+"""Typed values in and out of the clients: protobuf never leaks to the caller."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.IntEnum):
+    UNSPECIFIED = 0
+    STOP = 1
+    LENGTH = 2
+    EOS = 3
+    ABORT = 4
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: ModelRef
+    backend: str
+    kind: str
+    max_context: int
+    vocab_size: int
+    follows_registry: bool
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """None leaves a parameter to the server's default (temperature 1, no top-k/top-p)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    return_logprobs: bool = False
+    reset_token: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    prompt_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    completions: list[Completion]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    reset: bool
+    prompt_token_ids: list[int]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    previous: ModelRef
+    model: ModelRef
+    load_seconds: float
+
+
+@dataclass
+class _Acc:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def assemble_stream(chunks) -> list[Completion]:
+    """Concatenate a stream's chunks into completions (honours `reset`), ordered like unary."""
+    acc: dict[tuple[int, int], _Acc] = {}
+    for c in chunks:
+        a = acc.setdefault((c.prompt_index, c.sample_index), _Acc())
+        if c.reset:
+            a.text, a.token_ids, a.logprobs = "", [], []
+        a.text += c.text
+        a.token_ids += c.token_ids
+        a.logprobs += c.logprobs
+        if c.prompt_token_ids:
+            a.prompt_token_ids = list(c.prompt_token_ids)
+        if c.finish_reason:
+            a.finish_reason = c.finish_reason
+    return [
+        Completion(i, j, a.text, a.token_ids, a.logprobs, a.finish_reason, a.prompt_token_ids)
+        for (i, j), a in sorted(acc.items())
+    ]

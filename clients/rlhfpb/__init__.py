@@ -1,0 +1,1 @@
+"""Generated protobuf code of the rlhf wire contract (package rlhfpb.v1)."""

@@ -1,0 +1,96 @@
+"""Typed settings: one object per process, built once in the entry point, passed down.
+
+Every field can be set by an environment variable `RLHF_<FIELD>` (upper case) or by the CLI
+flag that overrides it. Nothing else in the code base reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["hf", "vllm"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class Settings(BaseSettings):
+    """All settings of an rlhf process (services, worker, CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="forbid", validate_default=True)
+
+    # --- network -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in pods).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, unset disables."
+    )
+    reflection: bool = Field(True, description="Serve gRPC server reflection.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- auth ----------------------------------------------------------------------------------
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token every RPC must carry (unset: no auth on data RPCs)."
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin RPCs (LoadVersion); unset: admin RPCs refused."
+    )
+
+    # --- limits --------------------------------------------------------------------------------
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Max gRPC message size.")
+    max_concurrent_rpcs: int = Field(256, gt=0, description="Beyond this: RESOURCE_EXHAUSTED.")
+    max_prompts_per_request: int = Field(64, gt=0, description="Prompts/items per request.")
+    max_samples_per_request: int = Field(256, gt=0, description="prompts × n per request.")
+    max_new_tokens_limit: int = Field(512, gt=0, description="Upper bound on max_new_tokens.")
+    default_max_new_tokens: int = Field(64, gt=0, description="max_new_tokens when unset.")
+    drain_grace_s: float = Field(10.0, ge=0, description="SIGTERM: seconds in-flight RPCs get.")
+
+    # --- micro-batching ------------------------------------------------------------------------
+    batch_max_size: int = Field(64, gt=0, description="Most sequences in one forward batch.")
+    batch_max_tokens: int = Field(65536, gt=0, description="Most padded tokens in one batch.")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for company.")
+
+    # --- model ---------------------------------------------------------------------------------
+    model_dir: Path | None = Field(None, description="Serve this directory, pinned.")
+    model_name: str | None = Field(None, description="Serve this model's active version (registry).")
+    store_dir: Path = Field(Path("./model-store"), description="Model store root.")
+    backend: Backend = Field("hf", description="Policy engine: hf (transformers) or vllm.")
+    device: str = Field("cpu", description="torch device for the hf backend and the trainer.")
+    dtype: DType = Field("float32", description="Weights dtype for serving.")
+    swap_poll_s: float = Field(5.0, gt=0, description="Registry poll period (missed events).")
+
+    # --- vLLM engine ---------------------------------------------------------------------------
+    vllm_max_model_len: int | None = Field(None, gt=0, description="Engine context length.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="GPU memory fraction (on CPU builds: fraction of RAM)."
+    )
+    vllm_kv_cache_space_gb: float | None = Field(
+        None, gt=0, description="CPU build: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="Tensor-parallel GPUs.")
+    vllm_enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
+    vllm_max_num_seqs: int = Field(256, gt=0, description="Most sequences the engine schedules.")
+
+    # --- queues, registry, trainer -------------------------------------------------------------
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis for queues, registry, jobs."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if self.model_dir is not None and self.model_name is not None:
+            raise ValueError("set model_dir (pinned) or model_name (follow the registry), not both")
+        return self
+
+    def redacted(self) -> dict:
+        """The settings as a dict fit for logs: secrets masked."""
+        out = {}
+        for key, value in self.model_dump().items():
+            out[key] = "***" if isinstance(value, SecretStr) and value is not None else value
+            if isinstance(value, Path):
+                out[key] = str(value)
+        return out

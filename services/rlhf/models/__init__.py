@@ -1,0 +1,1 @@
+"""Model files: the store (versioned HF dirs + manifest), the registry, safe loading, tiny models."""

@@ -1,0 +1,1 @@
+"""Policy generation: the servicer, the request layer and the engines behind it."""

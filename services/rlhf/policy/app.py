@@ -1,0 +1,23 @@
+"""Assembles the policy service: engine → generator → servicer → server."""
+
+from __future__ import annotations
+
+from rlhfpb.v1 import policy_pb2_grpc
+
+from rlhf.config import Settings
+from rlhf.policy.engines import make_engine
+from rlhf.policy.generator import Generator
+from rlhf.policy.servicer import SERVICE_NAME, PolicyServicer
+from rlhf.serving.app import ServiceApp, resolve_model
+from rlhf.serving.server import ServiceBinding
+from rlhf.serving.swap import Swapper
+
+
+def make_policy_app(settings: Settings) -> ServiceApp:
+    model_dir, ref = resolve_model(settings)
+    engine = make_engine(settings, model_dir, ref)
+    servicer = PolicyServicer(Generator(engine, settings), Swapper(engine, settings.store_dir, "policy"))
+    binding = ServiceBinding(
+        SERVICE_NAME, servicer, policy_pb2_grpc.add_PolicyServiceServicer_to_server, ("LoadVersion",)
+    )
+    return ServiceApp(settings, "policy", engine, [binding])

@@ -1,0 +1,46 @@
+"""Prometheus metrics of every rlhf process (one registry per process, labelled by service)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+RPC_COUNT = Counter(
+    "rlhf_rpc_total", "RPCs handled, by final status code.", ["service", "method", "code"]
+)
+RPC_LATENCY = Histogram(
+    "rlhf_rpc_latency_seconds", "RPC latency, by final status code.", ["service", "method", "code"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "rlhf_batch_size", "Sequences per forward batch.", ["service"], buckets=_SIZE_BUCKETS
+)
+BATCH_QUEUE_WAIT = Histogram(
+    "rlhf_batch_queue_wait_seconds", "Time a request waited before its batch started.", ["service"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SETTINGS = Gauge(
+    "rlhf_batch_setting", "Micro-batcher settings in force.", ["service", "setting"]
+)
+GENERATED_TOKENS = Counter(
+    "rlhf_generated_tokens_total", "Tokens generated (rate() gives tokens/s).", ["service"]
+)
+ACTIVE_MODEL = Gauge(
+    "rlhf_active_model", "1 for the model version a service serves now.", ["service", "name", "version"]
+)
+MODEL_SWAPS = Counter(
+    "rlhf_model_swaps_total", "Model version swaps, by result.", ["service", "result"]
+)
+QUEUE_DEPTH = Gauge("rlhf_queue_depth", "Entries in a Redis stream.", ["stream"])
+DEAD_LETTER_DEPTH = Gauge("rlhf_dead_letter_depth", "Entries in a dead-letter stream.", ["stream"])
+TRAIN_METRIC = Gauge("rlhf_train_metric", "Latest training metric of a job.", ["job_type", "metric"])
+
+
+def set_active_model(service: str, name: str, version: str) -> None:
+    """Mark (name, version) as the one active version of `service`."""
+    for labels in list(ACTIVE_MODEL._metrics):  # noqa: SLF001 - clear the previous version
+        if labels[0] == service:
+            ACTIVE_MODEL.remove(*labels)
+    ACTIVE_MODEL.labels(service, name, version).set(1)
