@@ -9,9 +9,16 @@ attention needs).
 
 Determinism: the same `(kind, size, seed, tie_embeddings)` gives a byte-identical directory
 (every file). The corpus is generated from a fixed seed, BPE training is deterministic, the
-weights come from `torch.manual_seed(seed)`, and nothing writes a timestamp. The tokenizer
-depends on `size` only, never on `seed` or `kind`, so a policy and a reward model of the same
-size share one vocabulary and can score each other's text.
+weights come from `torch.manual_seed(seed)`, and nothing writes a timestamp.
+
+One tokenizer for every tiny model: its vocabulary never depends on `kind`, `size` or `seed`
+(only `model_max_length` follows the size), so any two tiny models share token ids — a tiny
+policy, a small reward model and a reference model can be mixed freely. BPE is trained towards
+4096 tokens, but the synthetic corpus saturates first (1232 tokens: 256 bytes, the four
+specials, and merges; every listed word, after a space, is one token); the model's
+`vocab_size` is exactly `len(tokenizer)`. The tokenizer is trained under Qwen2's own text
+pipeline, so it tokenizes identically however it is loaded (transformers 5's AutoTokenizer
+rebuilds it as `Qwen2Tokenizer`; vLLM does the same).
 
 Special tokens (the same ids for both sizes):
 
@@ -19,15 +26,15 @@ Special tokens (the same ids for both sizes):
     1  <|reset|>       the backtracking reset token, always a single token
     2  <|im_start|>
     3  <|im_end|>
-
-The model's vocab_size equals `len(tokenizer)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +51,7 @@ __all__ = [
     "make_tiny_model",
     "make_tokenizer",
     "model_config",
+    "quiet_progress_bars",
     "synthetic_corpus",
 ]
 
@@ -58,11 +66,16 @@ IM_END_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, RESET_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
 
 _CORPUS_SEED = 20240601
+# Qwen2's pre-tokenizer split (as in transformers' Qwen2 tokenizer): digits split one by one.
+_QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 @dataclass(frozen=True)
 class TinySize:
-    """Shape of one model size. `vocab_size` is the BPE target; the model uses len(tokenizer)."""
+    """Shape of one model size (vocab_size is always len(tokenizer), shared by all sizes)."""
 
     hidden_size: int
     num_attention_heads: int
@@ -70,7 +83,6 @@ class TinySize:
     num_hidden_layers: int
     intermediate_size: int
     max_position_embeddings: int
-    vocab_size: int
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +90,7 @@ class TinySize:
 
 
 SIZES: dict[str, TinySize] = {
-    # ~0.5M parameters: builds in well under a second.
+    # ~0.45M parameters (0.61M untied): builds in well under a second.
     "tiny": TinySize(
         hidden_size=128,
         num_attention_heads=4,
@@ -86,9 +98,8 @@ SIZES: dict[str, TinySize] = {
         num_hidden_layers=2,
         intermediate_size=256,
         max_position_embeddings=512,
-        vocab_size=1024,
     ),
-    # ~25.7M parameters with tied embeddings (~27.8M untied): big enough to learn a task.
+    # ~24.2M parameters with tied embeddings (~24.9M untied): big enough to learn a task.
     "small": TinySize(
         hidden_size=512,
         num_attention_heads=8,
@@ -96,7 +107,6 @@ SIZES: dict[str, TinySize] = {
         num_hidden_layers=8,
         intermediate_size=1408,
         max_position_embeddings=1024,
-        vocab_size=4096,
     ),
 }
 
@@ -251,18 +261,37 @@ def synthetic_corpus(n_lines: int = 6000) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+_BPE_VOCAB_TARGET = 4096  # an upper bound: the corpus saturates below it
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
     """Train byte-level BPE on the synthetic corpus; the serialised tokenizer (deterministic)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
     from tokenizers.trainers import BpeTrainer
 
+    # Exactly Qwen2's text pipeline (NFC, Qwen's split regex, byte-level, no post-processor):
+    # AutoTokenizer may rebuild the tokenizer as `Qwen2Tokenizer` from vocab + merges with this
+    # pipeline (transformers 5 does), so training under it makes every loader tokenize alike.
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=_BPE_VOCAB_TARGET,
         min_frequency=2,
         show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
@@ -282,12 +311,14 @@ def _tf_major() -> int:
 
 
 def make_tokenizer(size: Size = "tiny"):
-    """A fresh `PreTrainedTokenizerFast` for `size` (trained once per process, then cached)."""
+    """A fresh `PreTrainedTokenizerFast` (trained once per process, then cached).
+
+    The vocabulary is the same for every size; `size` sets only `model_max_length`."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     spec = _size(size)
-    backend = Tokenizer.from_str(_tokenizer_json(spec.vocab_size))
+    backend = Tokenizer.from_str(_tokenizer_json())
     extra_key = "extra_special_tokens" if _tf_major() >= 5 else "additional_special_tokens"
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -304,6 +335,21 @@ def make_tokenizer(size: Size = "tiny"):
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Silence transformers' tqdm bars (e.g. "Writing model shards") for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _size(size: str) -> TinySize:
     try:
         return SIZES[size]
@@ -316,7 +362,7 @@ def model_config(
 ):
     """The `Qwen2Config` that `make_tiny_model` uses (no weights built).
 
-    `vocab_size` defaults to the length of the size's tokenizer.
+    `vocab_size` defaults to the length of the (shared) tokenizer.
     """
     from transformers import Qwen2Config
 
@@ -401,10 +447,11 @@ def make_tiny_model(
     save_kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         save_kwargs["safe_serialization"] = True  # transformers 4.x; 5.x writes safetensors only
-    model.save_pretrained(out, **save_kwargs)
-    if kind == "reward":  # sequence classifiers don't write one; keep every tiny dir alike
-        gen.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_progress_bars():
+        model.save_pretrained(out, **save_kwargs)
+        if kind == "reward":  # sequence classifiers don't write one; keep every tiny dir alike
+            gen.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
     stray = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if stray or not any(out.glob("*.safetensors")):

@@ -1,0 +1,217 @@
+"""Safe checkpoint loading: the one path by which services and the trainer open a model.
+
+Every loader here
+- checks the directory first (`check_safe_dir`): safetensors weights only, every shard named by
+  an index present, nothing in a format that runs code when read;
+- passes `use_safetensors=True`, `trust_remote_code=False` and `local_files_only=True`, so
+  nothing is downloaded and no code from the checkpoint runs;
+- returns the model in eval mode on the requested device, with gradients left enabled (the
+  trainer needs them; services call `.requires_grad_(False)` themselves).
+
+Directories are Hugging Face model directories: a user's checkpoint, a model-store version, or
+one made by `rlhf.models.tiny.make_tiny_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "UnsafeCheckpoint",
+    "CheckpointNotFound",
+    "check_safe_dir",
+    "load_config",
+    "load_tokenizer",
+    "load_causal_lm",
+    "load_reward_model",
+    "max_context",
+]
+
+# Weight files in formats that execute code on load: refused outright.
+REFUSED_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class UnsafeCheckpoint(ValueError):
+    """The directory is not a checkpoint we load: unsafe weight format, or incomplete."""
+
+
+class CheckpointNotFound(ValueError, FileNotFoundError):
+    """The directory, or its config.json, does not exist."""
+
+
+def check_safe_dir(model_dir: str | Path) -> None:
+    """Raise unless `model_dir` is a Hugging Face directory with safetensors weights only.
+
+    Raises `CheckpointNotFound` when the directory or its `config.json` is missing, and
+    `UnsafeCheckpoint` when the top level holds a file with a refused suffix (`.bin`, `.pt`,
+    `.pth`, `.pkl`, `.ckpt` — these formats run code on load), holds no `*.safetensors` file, or
+    has a `model.safetensors.index.json` that is unreadable or names a shard that is missing.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointNotFound(f"checkpoint directory not found: {d}")
+    if not (d / "config.json").is_file():
+        raise CheckpointNotFound(f"no config.json in checkpoint directory {d}")
+    names = sorted(p.name for p in d.iterdir() if p.is_file())
+    refused = [n for n in names if n.lower().endswith(REFUSED_SUFFIXES)]
+    if refused:
+        raise UnsafeCheckpoint(
+            f"{d} holds weights in a format that can run code when loaded ({', '.join(refused)}); "
+            "only safetensors checkpoints are accepted — convert them and remove these files"
+        )
+    if not any(n.endswith(".safetensors") for n in names):
+        raise UnsafeCheckpoint(f"{d} holds no *.safetensors weights")
+    index = d / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UnsafeCheckpoint(f"{index} is not a valid safetensors index: {e}") from None
+        for shard in shards:
+            p = Path(str(shard))
+            # A shard must be a plain file name in this directory (no paths, no escaping it).
+            if p.name != str(shard) or not p.name.endswith(".safetensors"):
+                raise UnsafeCheckpoint(f"{index} names an invalid shard {shard!r}")
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise UnsafeCheckpoint(f"{index} names missing shard(s): {', '.join(missing)}")
+
+
+def load_config(model_dir: str | Path) -> PretrainedConfig:
+    """The checkpoint's config (no weights read; no remote code)."""
+    from transformers import AutoConfig
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise CheckpointNotFound(f"no config.json in checkpoint directory {d}")
+    return AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+
+
+def load_tokenizer(
+    model_dir: str | Path, *, padding_side: Literal["left", "right"] = "left"
+) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer (fast tokenizer via AutoTokenizer, local files only).
+
+    `padding_side` defaults to "left", which batched generation and last-token reward
+    scoring want; training code that pads on the right passes "right". A tokenizer with no pad
+    token gets its eos token as pad.
+    """
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointNotFound(f"checkpoint directory not found: {d}")
+    tok = AutoTokenizer.from_pretrained(
+        str(d), local_files_only=True, trust_remote_code=False, padding_side=padding_side
+    )
+    tok.padding_side = padding_side
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"
+) -> PreTrainedModel:
+    """A causal LM (policy or reference) from a safe directory, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    check_safe_dir(model_dir)
+    return _load(AutoModelForCausalLM, model_dir, dtype=dtype, device=device)
+
+
+def load_reward_model(
+    model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"
+) -> PreTrainedModel:
+    """A sequence-classification reward model with exactly one output (the scalar reward).
+
+    Raises `UnsafeCheckpoint` (a `ValueError`) when the config has `num_labels != 1`. The
+    model reads the score at each sequence's last non-pad token, so it needs a pad id: the
+    config's `pad_token_id`, else the tokenizer's pad (or eos) id; neither raises too.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    check_safe_dir(model_dir)
+    cfg = load_config(model_dir)
+    if cfg.num_labels != 1:
+        raise UnsafeCheckpoint(
+            f"{model_dir} is not a reward model: it has num_labels={cfg.num_labels}, a reward "
+            "model has exactly one output (num_labels=1)"
+        )
+    pad_id = getattr(cfg, "pad_token_id", None)
+    if pad_id is None:
+        # The model finds each sequence's last real token through pad_token_id; take the
+        # tokenizer's pad (or eos) when the config leaves it out.
+        try:
+            pad_id = load_tokenizer(model_dir).pad_token_id
+        except (OSError, ValueError):
+            pad_id = None
+        if pad_id is None:
+            raise UnsafeCheckpoint(
+                f"{model_dir}: the reward model has no pad_token_id in its config and no "
+                "pad/eos token in its tokenizer; set config.pad_token_id"
+            )
+    model = _load(AutoModelForSequenceClassification, model_dir, dtype=dtype, device=device)
+    model.config.pad_token_id = pad_id
+    return model
+
+
+def max_context(config: Any) -> int:
+    """Longest sequence (prompt + completion, in tokens) the model accepts.
+
+    Takes a config, or anything with a `.config` (a model)."""
+    cfg = getattr(config, "config", config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"config of type {type(cfg).__name__} states no maximum context length")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _dtype_kwarg() -> str:
+    """transformers >= 4.56 takes `dtype=`; older releases take `torch_dtype=`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _load(auto_cls: Any, model_dir: str | Path, *, dtype: str, device: str) -> PreTrainedModel:
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {
+        _dtype_kwarg(): _torch_dtype(dtype),
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "local_files_only": True,
+    }
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        model = auto_cls.from_pretrained(str(model_dir), **kwargs)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
