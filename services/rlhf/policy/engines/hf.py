@@ -1,0 +1,625 @@
+"""The transformers backend: micro-batched, incremental generation with a KV cache.
+
+Shape of the engine:
+
+- `generate()` (event loop) admits its samples to a waiting queue and yields their deltas from
+  an `asyncio.Queue` of its own.
+- A background task (event loop) collects waiting samples into a batch: until `batch_max_size`
+  sequences, `batch_max_tokens` padded tokens, or `batch_max_wait_ms` after the oldest arrived.
+- One worker thread runs each batch with torch: a left-padded prefill, then one token per step
+  for every row, with a `DynamicCache`. Finished and cancelled rows are dropped from the batch
+  (rows of the cache and the mask), so short samples stop costing compute. Deltas are handed
+  back to the loop with `call_soon_threadsafe`, one hop per step.
+
+Versions: each request is pinned at admission to the model serving then (`info.ref`); a batch
+holds requests of one model only, so a batch (and a request, even one split over several
+batches) always runs entirely on one model. `load_version` loads the new model beside the old
+in another thread and swaps by one assignment on the loop; requests already admitted finish on
+the old model, which is freed when the last of them is done. Every delta names the version
+that produced it in `delta.ref`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from rlhf.config import Settings
+from rlhf.errors import FailedPrecondition, InvalidArgument, Unavailable
+from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+_WARMUP_PROMPT = (0, 0, 0, 0)  # token ids; any valid ids do
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded model
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Loaded:
+    """One loaded checkpoint: everything a batch needs, immutable once built."""
+
+    ref: ModelRef
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+    eos_ids: frozenset[int]
+    pad_id: int
+    device: torch.device
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    """The generation config's eos id(s) together with the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(int(i) for i in gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
+    """Load model and tokenizer (safetensors, no remote code) into eval, no-grad mode."""
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, max_context
+
+    dtype = settings.dtype
+    if dtype == "auto":  # half precision where it is fast, fp32 on CPU
+        dtype = "bfloat16" if torch.device(settings.device).type == "cuda" else "float32"
+    model = load_causal_lm(model_dir, dtype=dtype, device=settings.device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos) if eos else 0
+    info = ModelInfo(
+        ref=ref,
+        backend="hf",
+        kind="policy",
+        max_context=int(max_context(model.config)),
+        vocab_size=int(model.config.vocab_size),
+    )
+    device = next(model.parameters()).device
+    return _Loaded(ref, model, tokenizer, info, eos, int(pad), device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests and sequences (event-loop side)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Request:
+    """One `generate()` call: its sampling params, pinned model, and the queue its deltas go to.
+
+    `cancelled` is written on the loop and read by the worker thread between steps.
+    """
+
+    def __init__(self, params: SamplingConfig, loaded: _Loaded, queue: asyncio.Queue | None):
+        self.params = params
+        self.loaded = loaded
+        self.queue = queue  # None: deltas are dropped (warm-up)
+        self.cancelled = False
+
+    def put(self, item: SampleDelta | BaseException) -> None:
+        """Deliver on the loop thread."""
+        if self.queue is not None:
+            self.queue.put_nowait(item)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One sample waiting for (or running in) a batch."""
+
+    spec: SampleSpec
+    request: _Request
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.spec.prompt_ids)
+
+
+def _delta(
+    seq: _Seq, tokens: list[int], logprobs: list[float], finish: Finish | None
+) -> SampleDelta:
+    spec, ref = seq.spec, seq.request.loaded.ref  # the version that produced the tokens
+    return SampleDelta(spec.prompt_index, spec.sample_index, tokens, logprobs, finish, ref=ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-row state and token choice (worker side)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Row:
+    """A sequence while it runs: its generated tokens, its RNG, and when it must stop."""
+
+    def __init__(self, seq: _Seq, loaded: _Loaded):
+        self.seq = seq
+        self.params = seq.request.params
+        self.tokens: list[int] = []
+        self.stop_ids = frozenset(self.params.stop_token_ids)
+        # ids that may not be chosen before min_new_tokens exist (in the vocabulary only)
+        vocab = loaded.info.vocab_size
+        self.early_stop_ids = sorted(t for t in loaded.eos_ids | self.stop_ids if 0 <= t < vocab)
+        self.generator: torch.Generator | None = None
+        if not self.params.greedy:
+            self.generator = torch.Generator(device=loaded.device)
+            if seq.spec.seed is None:
+                self.generator.seed()  # nondeterministic
+            else:
+                self.generator.manual_seed(seq.spec.seed)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.seq.request.cancelled
+
+    def finish_after(self, token: int, loaded: _Loaded) -> Finish | None:
+        """Append `token`; the reason to stop now, or None to go on."""
+        self.tokens.append(token)
+        p = self.params
+        if token in loaded.eos_ids:
+            return Finish.EOS
+        if token in self.stop_ids:
+            return Finish.STOP
+        if p.stop and self._stop_string_hit(loaded.tokenizer):
+            return Finish.STOP
+        if len(self.tokens) >= p.max_new_tokens:
+            return Finish.LENGTH
+        if self.seq.prompt_len + len(self.tokens) >= loaded.info.max_context:
+            return Finish.LENGTH
+        return None
+
+    def _stop_string_hit(self, tokenizer) -> bool:
+        # Decoded in full each step: a byte-level token may complete a character that an
+        # earlier token began, so a suffix decode could miss a stop string.
+        text = tokenizer.decode(
+            self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return any(s in text for s in self.params.stop)
+
+
+def _choice_logits(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """`logits` with eos and stop ids at −inf for rows that have fewer than min_new_tokens."""
+    early = [
+        i
+        for i, r in enumerate(rows)
+        if len(r.tokens) < r.params.min_new_tokens and r.early_stop_ids
+    ]
+    if not early:
+        return logits
+    out = logits.clone()
+    for i in early:
+        out[i, rows[i].early_stop_ids] = float("-inf")
+    return out
+
+
+def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """One token per row drawn from temperature / top-k / top-p filtered logits `(S, V)`.
+
+    Vectorised over rows; each row draws one uniform number from its own generator and picks
+    its token by inverse CDF, so a row's draw never depends on what else is in the batch.
+    """
+    S, V = logits.shape
+    dev = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=logits.dtype)
+    scaled = logits / temperature[:, None]
+    top_k = torch.tensor(  # 0 (off) keeps all V tokens
+        [r.params.top_k if 0 < r.params.top_k < V else V for r in rows], device=dev
+    )
+    # top_p == 1 means off; +inf keeps every token even where a cumsum rounds up to 1
+    top_p = torch.tensor(
+        [r.params.top_p if r.params.top_p < 1.0 else float("inf") for r in rows],
+        device=dev,
+        dtype=logits.dtype,
+    )
+    K = int(top_k.max())
+    if K == V and bool(torch.isinf(top_p).all()):
+        candidates = scaled  # no filtering: sample over the vocabulary as it is
+        index = None
+    else:
+        # candidates sorted by descending logit: rank r is the (r+1)-th most likely token
+        candidates, index = torch.topk(scaled, K, dim=-1)
+        rank = torch.arange(K, device=dev)
+        candidates = candidates.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(candidates, dim=-1)
+        # top-p: keep token r while the mass of the tokens ranked above it is < top_p, i.e. the
+        # smallest prefix whose mass reaches top_p (the first token is always kept)
+        mass_above = probs.cumsum(dim=-1) - probs
+        candidates = candidates.masked_fill(mass_above >= top_p[:, None], float("-inf"))
+    probs = torch.softmax(candidates, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.stack([torch.rand((), generator=r.generator, device=dev) for r in rows]).to(cdf.dtype)
+    # first position whose cdf exceeds u·total; zero-probability tokens never qualify
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    pick = pick.clamp_(max=cdf.shape[-1] - 1)  # u·total rounding up to the last cdf value
+    return pick.squeeze(1) if index is None else index.gather(1, pick).squeeze(1)
+
+
+def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen token `(B,)` and its log-prob `(B,)` for each row, from fp32 logits `(B, V)`.
+
+    The log-prob is taken from the raw distribution (temperature 1, no top-k/top-p, no
+    min-tokens mask): it equals a teacher-forced forward pass.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    choice = _choice_logits(logits, rows)
+    tokens = choice.argmax(dim=-1)  # right for greedy rows; sampled rows are overwritten
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, device=logits.device)
+        tokens[idx] = _sample(choice[idx], [rows[i] for i in sampled])
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# One running batch (worker side)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Batch:
+    """Tensors of a running batch: the KV cache and the attention mask, one row per sequence.
+
+    Prompts are left-padded, so every row's next token sits in the last column. Position ids
+    come from the mask (count of real tokens before a position), so padding shifts nothing.
+    """
+
+    def __init__(self, loaded: _Loaded, rows: list[_Row]):
+        self.loaded = loaded
+        self.rows = rows
+        self.cache = DynamicCache(config=loaded.model.config)
+        self.attn: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts; returns fp32 logits `(B, V)` of each row's first new token."""
+        dev, pad = self.loaded.device, self.loaded.pad_id
+        width = max(r.seq.prompt_len for r in self.rows)
+        ids = torch.full((len(self.rows), width), pad, dtype=torch.long, device=dev)
+        self.attn = torch.zeros((len(self.rows), width), dtype=torch.long, device=dev)
+        for i, r in enumerate(self.rows):
+            n = r.seq.prompt_len
+            ids[i, width - n:] = torch.tensor(r.seq.spec.prompt_ids, dtype=torch.long, device=dev)
+            self.attn[i, width - n:] = 1
+        # position of a token = number of real tokens before it; pads get 0 (they are masked)
+        positions = (self.attn.cumsum(dim=-1) - 1).clamp_(min=0)
+        return self._forward(ids, positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row `(B,)`; returns fp32 logits `(B, V)` of the next one."""
+        ones = torch.ones((self.attn.shape[0], 1), dtype=self.attn.dtype, device=self.attn.device)
+        self.attn = torch.cat([self.attn, ones], dim=-1)
+        positions = self.attn.sum(dim=-1, keepdim=True) - 1
+        return self._forward(tokens[:, None], positions)
+
+    def keep(self, indices: list[int]) -> None:
+        """Drop every row not in `indices` (order kept) from the rows, the mask and the cache."""
+        if len(indices) == len(self.rows):
+            return
+        idx = torch.tensor(indices, dtype=torch.long, device=self.attn.device)
+        self.cache.batch_select_indices(idx)
+        self.attn = self.attn[idx]
+        self.rows = [self.rows[i] for i in indices]
+        self._trim_left_padding()
+
+    def _trim_left_padding(self) -> None:
+        """Cut the columns that are padding in every remaining row (e.g. after the longest prompt
+        finished). Safe because positions come from the mask, not from the cache length."""
+        lead = int(self.attn.any(dim=0).to(torch.int8).argmax())  # first column with a real token
+        if lead == 0 or not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            return  # sliding-window / other layer kinds: keep their own bookkeeping intact
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., lead:, :]  # (B, heads, T, head_dim)
+                layer.values = layer.values[..., lead:, :]
+        self.attn = self.attn[:, lead:]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.loaded.model(
+            input_ids=ids,
+            attention_mask=self.attn,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+
+class HFEngine:
+    """`PolicyEngine` on transformers: micro-batching, KV cache, per-row sampling, hot swap.
+
+    Public API: `info`, `tokenizer`, `start()`, `generate(samples, params)`, `load_version(dir,
+    ref)`, `health()`, `close()`; `active_sequences()` (rows running + samples waiting) and
+    `stats()` (batches, sequences, tokens computed) for tests and metrics.
+    """
+
+    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
+        self._settings = settings
+        self._model_dir = Path(model_dir)
+        self._initial_ref = ref
+        self._current: _Loaded | None = None
+        self._waiting: deque[_Seq] = deque()
+        self._requests: set[_Request] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._swap_lock: asyncio.Lock | None = None
+        self._running_rows = 0  # written by the worker thread
+        self._batches = 0  # batches run, sequences in them, tokens computed (stats)
+        self._sequences = 0
+        self._tokens = 0  # written by the worker thread
+        self._stopping = threading.Event()  # tells the worker to abandon its batch
+        self._serving = False
+
+    # -------------------------------------------------------------- protocol
+    @property
+    def info(self) -> ModelInfo:
+        if self._current is None:
+            raise Unavailable("the policy model is not loaded")
+        return self._current.info
+
+    @property
+    def tokenizer(self):
+        if self._current is None:
+            raise Unavailable("the policy model is not loaded")
+        return self._current.tokenizer
+
+    def health(self) -> bool:
+        return self._serving and self._task is not None and not self._task.done()
+
+    def active_sequences(self) -> int:
+        """Samples the engine still spends work on: rows in the running batch + samples waiting."""
+        return self._running_rows + len(self._waiting)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: batches run, sequences they held, and tokens computed (one per
+        row per step; a cancelled row counts until the step that drops it)."""
+        return {"batches": self._batches, "sequences": self._sequences, "tokens": self._tokens}
+
+    async def start(self) -> None:
+        if self._serving:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._swap_lock = asyncio.Lock()
+        self._stopping.clear()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        loaded = await self._loop.run_in_executor(
+            self._executor, self._load_and_warm, self._model_dir, self._initial_ref
+        )
+        self._current = loaded
+        self._task = self._loop.create_task(self._batch_loop(), name="hf-engine-batches")
+        self._serving = True
+        log.info("hf engine serving %s/%s", loaded.ref.name, loaded.ref.version)
+
+    async def generate(
+        self, samples: Sequence[SampleSpec], params: SamplingConfig
+    ) -> AsyncIterator[SampleDelta]:
+        """Deltas of every sample as tokens are produced; see `base.py` for the contract.
+
+        Closing the iterator early (or cancelling the consuming task) cancels the samples not
+        finished yet: they leave the waiting queue at once and the running batch at its next step.
+        """
+        request = self._admit(samples, params)
+        remaining = len(samples)
+        try:
+            while remaining:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            self._release(request, cancelled=remaining > 0)
+
+    async def load_version(self, model_dir, ref: ModelRef) -> None:
+        """Load `model_dir` beside the serving model (in another thread: batches keep running),
+        warm it up, then make it the model of every request admitted from now on."""
+        if not self._serving:
+            raise Unavailable("the policy engine is not serving")
+        async with self._swap_lock:
+            try:
+                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
+            except Exception as exc:
+                log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
+                raise FailedPrecondition(
+                    f"loading {ref.name} version {ref.version} failed: {exc}"
+                ) from exc
+            if not self._serving:
+                raise Unavailable("the policy engine closed while loading")
+            old, self._current = self._current, loaded  # the swap: one assignment on the loop
+            log.info(
+                "hf engine swapped %s/%s -> %s/%s",
+                old.ref.name, old.ref.version, ref.name, ref.version,
+            )
+
+    async def close(self) -> None:
+        if self._loop is None:
+            return
+        self._serving = False
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._executor is not None:  # waits for the worker to leave its batch (next step)
+            await asyncio.to_thread(self._executor.shutdown, True)
+            self._executor = None
+        for request in list(self._requests):
+            request.put(Unavailable("the policy engine is shutting down"))
+        self._requests.clear()
+        self._waiting.clear()
+        self._current = None
+
+    # -------------------------------------------------------------- admission (loop thread)
+    def _admit(self, samples: Sequence[SampleSpec], params: SamplingConfig) -> _Request:
+        if not self._serving:
+            raise Unavailable("the policy engine is not serving")
+        for k, spec in enumerate(samples):
+            if not spec.prompt_ids:
+                raise InvalidArgument(f"samples[{k}].prompt_ids", "empty prompt")
+        loaded = self._current  # pinned: all of this request runs on this model
+        request = _Request(params, loaded, asyncio.Queue())
+        self._requests.add(request)
+        for spec in samples:
+            seq = _Seq(spec, request)
+            if params.max_new_tokens <= 0 or seq.prompt_len >= loaded.info.max_context:
+                request.put(_delta(seq, [], [], Finish.LENGTH))  # nothing may be generated
+            else:
+                self._waiting.append(seq)
+        self._wake.set()
+        return request
+
+    def _release(self, request: _Request, *, cancelled: bool) -> None:
+        self._requests.discard(request)
+        if cancelled:
+            request.cancelled = True  # the worker drops its rows at the next step
+            self._waiting = deque(s for s in self._waiting if s.request is not request)
+
+    # -------------------------------------------------------------- batching (loop thread)
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            loaded = batch[0].request.loaded
+            self._running_rows = len(batch)  # counted from now, not from when the worker starts
+            self._batches += 1
+            self._sequences += len(batch)
+            try:
+                await self._loop.run_in_executor(self._executor, self._run_batch, loaded, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or out of memory: fail this batch, keep serving
+                log.exception("hf batch failed")
+                for request in {s.request for s in batch}:
+                    request.put(exc)
+
+    async def _next_batch(self) -> list[_Seq]:
+        """Wait for work, then for company (until full or the oldest waited max_wait); take it."""
+        max_wait = self._settings.batch_max_wait_ms / 1000.0
+        while True:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = self._waiting[0].enqueued + max_wait
+            while self._waiting and not self._plan()[1]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
+            batch, _ = self._plan()
+            if batch:
+                taken = set(map(id, batch))
+                self._waiting = deque(s for s in self._waiting if id(s) not in taken)
+                return batch
+
+    def _plan(self) -> tuple[list[_Seq], bool]:
+        """The next batch in arrival order (same model as the oldest), and whether it is full.
+
+        Budget: rows × (longest prompt + longest max_new_tokens), the padded size the KV cache
+        can reach; a lone sample over the budget still runs by itself.
+        """
+        s = self._settings
+        batch: list[_Seq] = []
+        width = 0
+        for seq in self._waiting:
+            if batch and seq.request.loaded is not batch[0].request.loaded:
+                continue
+            ctx = seq.request.loaded.info.max_context
+            w = min(ctx, max(width, seq.prompt_len + seq.request.params.max_new_tokens))
+            if batch and (len(batch) + 1) * w > s.batch_max_tokens:
+                return batch, True
+            batch.append(seq)
+            width = w
+            if len(batch) >= s.batch_max_size:
+                return batch, True
+        return batch, False
+
+    # -------------------------------------------------------------- generation (worker thread)
+    def _run_batch(self, loaded: _Loaded, seqs: list[_Seq]) -> None:
+        """Generate a batch to the end, handing each step's deltas to the loop in one hop."""
+        loop = self._loop
+        try:
+            with torch.inference_mode():
+                for out, computed, running in _generate_steps(loaded, seqs):
+                    loop.call_soon_threadsafe(_deliver, out)
+                    self._running_rows = running
+                    self._tokens += computed
+                    if self._stopping.is_set():
+                        return
+        finally:
+            self._running_rows = 0
+
+    def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
+        """Load a checkpoint and run a short greedy generation through the real path."""
+        loaded = _load(model_dir, ref, self._settings)
+        warm = _Request(SamplingConfig(max_new_tokens=2, temperature=0.0), loaded, None)
+        prompt = tuple(min(t, loaded.info.vocab_size - 1) for t in _WARMUP_PROMPT)
+        with torch.inference_mode():
+            for _ in _generate_steps(loaded, [_Seq(SampleSpec(0, 0, prompt, None), warm)]):
+                pass
+        return loaded
+
+
+def _generate_steps(loaded: _Loaded, seqs: list[_Seq]) -> Iterator[tuple[list, int, int]]:
+    """Run `seqs` as one batch; after each step yield ([(request, delta)], rows computed in the
+    step, rows still running).
+
+    Rows whose request was cancelled are dropped at the next step without a delta. Call it
+    under `torch.inference_mode()`.
+    """
+    rows = [_Row(seq, loaded) for seq in seqs if not seq.request.cancelled]
+    if not rows:
+        return
+    batch = _Batch(loaded, rows)
+    logits = batch.prefill()
+    while True:
+        tokens, logprobs = _next_tokens(logits, batch.rows)
+        out, keep = [], []
+        for i, (row, t, lp) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist())):
+            if row.cancelled:
+                continue
+            finish = row.finish_after(t, loaded)
+            out.append((row.seq.request, _delta(row.seq, [t], [lp], finish)))
+            if finish is None:
+                keep.append(i)
+        yield out, len(batch.rows), len(keep)
+        if not keep:
+            return
+        batch.keep(keep)
+        logits = batch.step(tokens[keep])
+
+
+def _deliver(items: list[tuple[_Request, SampleDelta]]) -> None:
+    """On the loop: put each delta on its request's queue (a cancelled request drops them)."""
+    for request, delta in items:
+        if not request.cancelled:
+            request.put(delta)
