@@ -38,7 +38,10 @@ def _params_pb(p: SamplingParams) -> policy_pb2.SamplingParams:
 def _prompt_pb(prompt: PromptLike) -> policy_pb2.Prompt:
     if isinstance(prompt, str):
         return policy_pb2.Prompt(text=prompt)
-    return policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))
+    msg = policy_pb2.Prompt()
+    msg.token_ids.SetInParent()  # an empty id list is still a token-id prompt (and invalid)
+    msg.token_ids.ids.extend(prompt)
+    return msg
 
 
 def _request(cls, prompts: Sequence[PromptLike], params: SamplingParams | None, n: int | None):

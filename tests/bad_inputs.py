@@ -1,0 +1,37 @@
+"""The foundation issue's bad generate inputs, shared by every policy backend's tests.
+
+Each entry: (name, kwargs for `PolicyClient.generate`, substring naming the field in the error).
+`{long}` and `{vocab}` placeholders are filled per model by `bad_generate_inputs(info)`.
+"""
+
+from __future__ import annotations
+
+from rlhf_client import SamplingParams
+
+
+def bad_generate_inputs(max_context: int, vocab_size: int, max_new_tokens_limit: int):
+    ok = ["hello there"]
+    return [
+        ("no prompts", dict(prompts=[]), "prompts"),
+        ("empty text prompt", dict(prompts=[""]), "prompts[0]"),
+        ("empty token prompt", dict(prompts=["fine", []]), "prompts[1]"),
+        ("n zero", dict(prompts=ok, n=0), "n"),
+        ("n negative", dict(prompts=ok, n=-2), "n"),
+        ("max_new_tokens zero", dict(prompts=ok, params=SamplingParams(max_new_tokens=0)), "max_new_tokens"),
+        ("max_new_tokens negative", dict(prompts=ok, params=SamplingParams(max_new_tokens=-5)), "max_new_tokens"),
+        ("max_new_tokens over limit",
+         dict(prompts=ok, params=SamplingParams(max_new_tokens=max_new_tokens_limit + 1)), "max_new_tokens"),
+        ("temperature NaN", dict(prompts=ok, params=SamplingParams(temperature=float("nan"))), "temperature"),
+        ("temperature negative", dict(prompts=ok, params=SamplingParams(temperature=-0.5)), "temperature"),
+        ("top_p zero", dict(prompts=ok, params=SamplingParams(top_p=0.0)), "top_p"),
+        ("top_p above one", dict(prompts=ok, params=SamplingParams(top_p=1.5)), "top_p"),
+        ("top_p NaN", dict(prompts=ok, params=SamplingParams(top_p=float("nan"))), "top_p"),
+        ("top_k negative", dict(prompts=ok, params=SamplingParams(top_k=-1)), "top_k"),
+        ("prompt over context", dict(prompts=[[5] * (max_context + 1)]), "prompts[0]"),
+        ("token id over vocab", dict(prompts=[[1, 2, vocab_size]]), "prompts[0].token_ids"),
+        ("token id negative", dict(prompts=[[1, -3, 2]]), "prompts[0].token_ids"),
+        ("stop id over vocab", dict(prompts=ok, params=SamplingParams(stop_token_ids=(vocab_size + 7,))),
+         "stop_token_ids"),
+        ("min over max", dict(prompts=ok, params=SamplingParams(max_new_tokens=4, min_new_tokens=8)),
+         "min_new_tokens"),
+    ]

@@ -1,0 +1,213 @@
+"""ReferenceService: a real gRPC server on 127.0.0.1 with the tiny causal LM made on the spot.
+
+Every log-prob is checked against a teacher-forced forward pass (float64 log-softmax) of an
+independently loaded copy of the checkpoint, one sequence alone, whatever else was batched with
+it. The server runs on the test session's event loop, so every test is async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import shutil
+
+import grpc
+import pytest
+from helpers import ADMIN_TOKEN, make_settings, running, teacher_forced_logprobs
+
+from rlhf_client import AsyncReferenceClient, ReferenceClient, RpcError
+
+torch = pytest.importorskip("torch")
+
+TOL = 1e-5
+BATCHING = dict(batch_max_wait_ms=10, batch_max_size=64)
+ITEMS = [
+    ([5, 6, 7], [8, 9, 10, 11]),
+    ([42], [17]),
+    (list(range(20, 80)), [3, 0, 12, 99, 100, 101, 5]),
+    ([9, 9, 9, 9, 9], list(range(200, 240))),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_policy_dir):
+    """The served model's name with one more version, `nan` (one layer's weights poisoned)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("reference-store")
+    nan_dir = root / tiny_policy_dir.resolve().name / "nan"
+    shutil.copytree(tiny_policy_dir, nan_dir)
+    weights = load_file(nan_dir / "model.safetensors")
+    key = next(k for k in weights if k.endswith("norm.weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+@pytest.fixture(scope="module")
+async def server(tiny_policy_dir, store):
+    from rlhf.reference.app import make_reference_app
+
+    app = make_reference_app(make_settings(model_dir=tiny_policy_dir, store_dir=store, **BATCHING))
+    async with running(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+async def client(target):
+    async with AsyncReferenceClient(target, admin_token=ADMIN_TOKEN, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(tiny_policy_dir):
+    from rlhf.models.loading import load_causal_lm
+
+    return load_causal_lm(tiny_policy_dir)
+
+
+def check(model, item, got) -> None:
+    want = teacher_forced_logprobs(model, *item)
+    assert len(got.logprobs) == len(item[1])
+    assert max(abs(a - b) for a, b in zip(got.logprobs, want)) < TOL
+    assert got.sum == pytest.approx(math.fsum(got.logprobs), abs=1e-9)  # float64 sum of the values
+    assert abs(got.sum - math.fsum(want)) < TOL * len(want)
+
+
+async def test_logprobs_equal_a_teacher_forced_forward_pass(client, model):
+    res = await client.logprobs(ITEMS)  # one request, very different lengths: one padded batch
+    assert len(res.results) == len(ITEMS)
+    for item, got in zip(ITEMS, res.results):
+        check(model, item, got)
+        assert all(x <= 0 for x in got.logprobs)
+
+
+async def test_padding_never_changes_a_result(client, model):
+    short = ITEMS[1]
+    alone = (await client.logprobs([short])).results[0]
+    beside_long = (await client.logprobs([ITEMS[3], short, ITEMS[2]])).results[1]
+    assert max(abs(a - b) for a, b in zip(alone.logprobs, beside_long.logprobs)) < TOL
+    check(model, short, beside_long)
+
+
+async def test_32_concurrent_callers_get_what_one_at_a_time_gets(client, server, model):
+    rng = random.Random(11)
+    info = await client.get_model()
+    requests = [
+        [([rng.randrange(info.vocab_size) for _ in range(rng.randint(1, 50))],
+          [rng.randrange(info.vocab_size) for _ in range(rng.randint(1, 50))])
+         for _ in range(rng.randint(1, 3))]
+        for _ in range(32)
+    ]
+    alone = [(await client.logprobs(req)).results for req in requests]
+    before = server.model.batcher.batches_run
+    together = await asyncio.gather(*(client.logprobs(req) for req in requests))
+    assert server.model.batcher.batches_run - before < 16  # they did share batches
+    for req, a, t in zip(requests, alone, together):
+        for item, x, y in zip(req, a, t.results):
+            assert len(x.logprobs) == len(y.logprobs) == len(item[1])
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < TOL
+    for item, got in zip(requests[0], together[0].results):  # and both equal the model
+        check(model, item, got)
+
+
+async def expect_status(coro, code, field=None):
+    with pytest.raises(RpcError) as err:
+        await coro
+    assert err.value.code == code, err.value
+    if field is not None:
+        assert err.value.details.startswith(field + ":"), err.value.details
+    return err.value
+
+
+async def test_bad_inputs_are_invalid_argument_naming_the_field(client):
+    info = await client.get_model()
+    ctx, vocab = info.max_context, info.vocab_size
+    bad = [
+        ([], "items"),
+        ([([5], [6]), ([], [6])], "items[1].prompt_ids"),
+        ([([5], [])], "items[0].completion_ids"),
+        ([([5] * ctx, [6])], "items[0]"),
+        ([([5], [6] * ctx)], "items[0]"),
+        ([([5], [6, 7, vocab])], "items[0].completion_ids[2]"),
+        ([([5, -4], [6])], "items[0].prompt_ids[1]"),
+    ]
+    for items, field in bad:
+        await expect_status(client.logprobs(items), grpc.StatusCode.INVALID_ARGUMENT, field)
+    await expect_status(client.logprobs([([5], [6])] * 65), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # a bad request among concurrent good ones fails alone
+    results = await asyncio.gather(*(client.logprobs([it]) for it in ITEMS),
+                                   client.logprobs([([5], [vocab + 1])]), return_exceptions=True)
+    assert all(not isinstance(r, BaseException) for r in results[:-1])
+    assert isinstance(results[-1], RpcError) and results[-1].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len((await client.logprobs(ITEMS)).results) == len(ITEMS)  # still serving
+
+
+async def test_no_float_enters_and_a_nan_model_is_refused(client):
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from rlhfpb.v1 import reference_pb2
+
+    floats = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+    for msg in (reference_pb2.LogProbsRequest, reference_pb2.LogProbsItem):
+        assert not [f.name for f in msg.DESCRIPTOR.fields if f.type in floats], msg
+    before = await client.get_model()
+    err = await expect_status(client.load_version("nan"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "non-finite" in err.details
+    assert (await client.get_model()).model == before.model
+    res = await client.logprobs(ITEMS)
+    assert all(math.isfinite(x) for r in res.results for x in r.logprobs)
+
+
+async def test_cancelled_callers_do_not_poison_the_batch(client, model):
+    calls = [asyncio.ensure_future(client.logprobs([it])) for it in ITEMS * 3]
+    doomed = [asyncio.ensure_future(client.logprobs(ITEMS)) for _ in range(4)]
+    timed_out = client.logprobs(ITEMS * 10, timeout=0.001)
+    await asyncio.sleep(0)
+    for d in doomed:
+        d.cancel()
+    with pytest.raises(RpcError) as err:
+        await timed_out
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    for i, res in enumerate(await asyncio.gather(*calls)):
+        check(model, ITEMS[i % len(ITEMS)], res.results[0])
+
+
+async def test_auth_token_health_get_model_and_blocking_client(tiny_policy_dir, model):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rlhf.reference.app import make_reference_app
+    from rlhf.reference.servicer import SERVICE_NAME
+
+    app = make_reference_app(make_settings(model_dir=tiny_policy_dir, auth_token="s3cret", **BATCHING))
+    async with running(app):
+        target = f"127.0.0.1:{app.port}"
+        async with AsyncReferenceClient(target) as none:
+            await expect_status(none.logprobs(ITEMS), grpc.StatusCode.UNAUTHENTICATED)
+            await expect_status(none.load_version("v2"), grpc.StatusCode.UNAUTHENTICATED)
+        async with AsyncReferenceClient(target, token="nope") as wrong:
+            await expect_status(wrong.get_model(), grpc.StatusCode.UNAUTHENTICATED)
+        async with AsyncReferenceClient(target, token="s3cret") as right:
+            info = await right.get_model()
+            assert (info.kind, info.backend, info.max_context) == ("reference", "hf", 512)
+            assert info.model.name == tiny_policy_dir.name and info.model.version.startswith("pinned-")
+            assert (await right.logprobs(ITEMS[:1])).model == info.model
+
+        def blocking():
+            with ReferenceClient(target, token="s3cret", timeout=30) as c:
+                return c.logprobs(ITEMS[:2])
+
+        res = await asyncio.to_thread(blocking)
+        for item, got in zip(ITEMS, res.results):
+            check(model, item, got)
+        async with grpc.aio.insecure_channel(target) as ch:  # probes carry no token
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", SERVICE_NAME):
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
