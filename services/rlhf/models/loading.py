@@ -26,6 +26,7 @@ __all__ = [
     "UnsafeCheckpoint",
     "CheckpointNotFound",
     "check_safe_dir",
+    "check_checkpoint",
     "load_config",
     "load_tokenizer",
     "load_causal_lm",
@@ -87,6 +88,16 @@ def check_safe_dir(model_dir: str | Path) -> None:
             raise UnsafeCheckpoint(f"{index} names missing shard(s): {', '.join(missing)}")
 
 
+def check_checkpoint(model_dir: str | Path) -> None:
+    """`check_safe_dir`, plus the manifest's sha256 of every file when the directory is a
+    model-store version (has a manifest.json): a tampered version is refused before loading."""
+    check_safe_dir(model_dir)
+    if (Path(model_dir) / "manifest.json").is_file():
+        from rlhf.models.store import verify  # store imports this module
+
+        verify(model_dir)
+
+
 def load_config(model_dir: str | Path) -> PretrainedConfig:
     """The checkpoint's config (no weights read; no remote code)."""
     from transformers import AutoConfig
@@ -126,7 +137,7 @@ def load_causal_lm(
     """A causal LM (policy or reference) from a safe directory, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
-    check_safe_dir(model_dir)
+    check_checkpoint(model_dir)
     return _load(AutoModelForCausalLM, model_dir, dtype=dtype, device=device)
 
 
@@ -141,7 +152,7 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    check_safe_dir(model_dir)
+    check_checkpoint(model_dir)
     cfg = load_config(model_dir)
     if cfg.num_labels != 1:
         raise UnsafeCheckpoint(
