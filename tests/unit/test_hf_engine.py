@@ -406,3 +406,21 @@ async def test_close_fails_waiting_calls(model_dirs, prompt_ids):
         async for _ in stream:
             pass
     assert not eng.health() and eng.active_sequences() == 0
+
+
+async def test_late_requests_join_the_running_batch(engine, reference_models, prompt_ids):
+    """Continuous batching: a request arriving mid-batch joins it (no wait for the batch to
+    end), and its greedy output is still exactly the naive one, as is the long request's."""
+    long_params = SamplingConfig(max_new_tokens=150, min_new_tokens=150, temperature=0.0)
+    long_task = asyncio.ensure_future(collect(engine, specs_for(prompt_ids[2:3]), long_params))
+    await wait_until(lambda: engine.stats()["tokens"] > 0 and engine.active_sequences() > 0)
+    batches_before = engine.stats()["batches"]
+    late = await collect(engine, specs_for(prompt_ids[:2]), GREEDY)
+    assert not long_task.done(), "the late request had to wait for the long batch to end"
+    assert engine.stats()["batches"] == batches_before  # it joined; no new batch was started
+    for i, p in enumerate(prompt_ids[:2]):
+        want = naive_greedy(reference_models[V1], p, GREEDY.max_new_tokens)
+        assert late[(i, 0)][0] == want
+    long = await long_task
+    want_long = naive_greedy(reference_models[V1], prompt_ids[2], 150, min_new_tokens=150)
+    assert long[(0, 0)][0] == want_long

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -30,9 +31,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rlhf.config import Settings
@@ -320,6 +322,27 @@ class _Batch:
         self.rows = [self.rows[i] for i in indices]
         self._trim_left_padding()
 
+    def merge(self, other: "_Batch") -> None:
+        """Append `other`'s rows (freshly prefilled) to this running batch.
+
+        Both are left-padded to the longer of the two cache lengths: padding columns are masked
+        and positions come from the mask, so no row's numbers change. Needs plain DynamicLayers.
+        """
+        t1, t2 = self.attn.shape[1], other.attn.shape[1]
+        width = max(t1, t2)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - t1), _pad_left(theirs.keys, width - t2)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width - t1), _pad_left(theirs.values, width - t2)]
+            )
+        self.attn = torch.cat(
+            [F.pad(self.attn, (width - t1, 0)), F.pad(other.attn, (width - t2, 0))]
+        )
+        self.rows = self.rows + other.rows
+
+    def mergeable(self) -> bool:
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
     def _trim_left_padding(self) -> None:
         """Cut the columns that are padding in every remaining row (e.g. after the longest prompt
         finished). Safe because positions come from the mask, not from the cache length."""
@@ -362,7 +385,8 @@ class HFEngine:
         self._model_dir = Path(model_dir)
         self._initial_ref = ref
         self._current: _Loaded | None = None
-        self._waiting: deque[_Seq] = deque()
+        self._waiting: deque[_Seq] = deque()  # guarded by _wait_lock (the worker takes joiners)
+        self._wait_lock = threading.Lock()
         self._requests: set[_Request] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -475,7 +499,8 @@ class HFEngine:
         for request in list(self._requests):
             request.put(Unavailable("the policy engine is shutting down"))
         self._requests.clear()
-        self._waiting.clear()
+        with self._wait_lock:
+            self._waiting.clear()
         self._current = None
 
     # -------------------------------------------------------------- admission (loop thread)
@@ -493,7 +518,8 @@ class HFEngine:
             if params.max_new_tokens <= 0 or seq.prompt_len >= loaded.info.max_context:
                 request.put(_delta(seq, [], [], Finish.LENGTH))  # nothing may be generated
             else:
-                self._waiting.append(seq)
+                with self._wait_lock:
+                    self._waiting.append(seq)
         self._wake.set()
         return request
 
@@ -501,7 +527,8 @@ class HFEngine:
         self._requests.discard(request)
         if cancelled:
             request.cancelled = True  # the worker drops its rows at the next step
-            self._waiting = deque(s for s in self._waiting if s.request is not request)
+            with self._wait_lock:
+                self._waiting = deque(s for s in self._waiting if s.request is not request)
 
     # -------------------------------------------------------------- batching (loop thread)
     async def _batch_loop(self) -> None:
@@ -535,11 +562,12 @@ class HFEngine:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)
-            batch, _ = self._plan()
-            if batch:
-                taken = set(map(id, batch))
-                self._waiting = deque(s for s in self._waiting if id(s) not in taken)
-                return batch
+            with self._wait_lock:
+                batch, _ = self._plan()
+                if batch:
+                    taken = set(map(id, batch))
+                    self._waiting = deque(s for s in self._waiting if id(s) not in taken)
+                    return batch
 
     def _plan(self) -> tuple[list[_Seq], bool]:
         """The next batch in arrival order (same model as the oldest), and whether it is full.
@@ -569,7 +597,9 @@ class HFEngine:
         loop = self._loop
         try:
             with torch.inference_mode():
-                for out, computed, running in _generate_steps(loaded, seqs):
+                join = functools.partial(self._take_joiners, loaded)
+                steps = _generate_steps(loaded, seqs, join, self._settings.batch_max_size)
+                for out, computed, running in steps:
                     loop.call_soon_threadsafe(_deliver, out)
                     self._running_rows = running
                     self._tokens += computed
@@ -577,6 +607,19 @@ class HFEngine:
                         return
         finally:
             self._running_rows = 0
+
+    def _take_joiners(self, loaded: _Loaded, room: int) -> list[_Seq]:
+        """(worker thread) Take up to `room` waiting samples pinned to `loaded`, oldest first."""
+        if not self._waiting:  # racy read is fine: a sample missed now joins at the next step
+            return []
+        with self._wait_lock:
+            taken = [s for s in self._waiting if s.request.loaded is loaded and not s.request.cancelled][:room]
+            if taken:
+                ids = set(map(id, taken))
+                self._waiting = deque(s for s in self._waiting if id(s) not in ids)
+        self._sequences += len(taken)
+        self._running_rows += len(taken)
+        return taken
 
     def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
         """Load a checkpoint and run a short greedy generation through the real path."""
@@ -589,12 +632,17 @@ class HFEngine:
         return loaded
 
 
-def _generate_steps(loaded: _Loaded, seqs: list[_Seq]) -> Iterator[tuple[list, int, int]]:
+def _generate_steps(
+    loaded: _Loaded, seqs: list[_Seq], join: Callable[[int], list[_Seq]] | None = None,
+    max_rows: int = 0,
+) -> Iterator[tuple[list, int, int]]:
     """Run `seqs` as one batch; after each step yield ([(request, delta)], rows computed in the
     step, rows still running).
 
-    Rows whose request was cancelled are dropped at the next step without a delta. Call it
-    under `torch.inference_mode()`.
+    Continuous batching: after each step `join(room)` may hand over samples that arrived since
+    (same model); they are prefilled on their own and merged into the running batch, so a
+    request never waits for a whole batch to end. Rows whose request was cancelled are dropped
+    at the next step without a delta. Call it under `torch.inference_mode()`.
     """
     rows = [_Row(seq, loaded) for seq in seqs if not seq.request.cancelled]
     if not rows:
@@ -616,6 +664,20 @@ def _generate_steps(loaded: _Loaded, seqs: list[_Seq]) -> Iterator[tuple[list, i
             return
         batch.keep(keep)
         logits = batch.step(tokens[keep])
+        if join is not None and len(batch.rows) < max_rows and batch.mergeable():
+            fresh = [_Row(seq, loaded) for seq in join(max_rows - len(batch.rows)) if not seq.request.cancelled]
+            if fresh:
+                joining = _Batch(loaded, fresh)
+                first = joining.prefill()
+                batch.merge(joining)
+                logits = torch.cat([logits, first])
+
+
+def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:
+    """Left-pad a cache tensor `(B, heads, T, head_dim)` with n zero columns along T."""
+    if n == 0:
+        return kv
+    return torch.cat([kv.new_zeros(kv.shape[:-2] + (n, kv.shape[-1])), kv], dim=-2)
 
 
 def _deliver(items: list[tuple[_Request, SampleDelta]]) -> None:
