@@ -412,8 +412,9 @@ async def test_late_requests_join_the_running_batch(engine, reference_models, pr
     """Continuous batching: a request arriving mid-batch joins it (no wait for the batch to
     end), and its greedy output is still exactly the naive one, as is the long request's."""
     long_params = SamplingConfig(max_new_tokens=150, min_new_tokens=150, temperature=0.0)
+    tokens_before = engine.stats()["tokens"]
     long_task = asyncio.ensure_future(collect(engine, specs_for(prompt_ids[2:3]), long_params))
-    await wait_until(lambda: engine.stats()["tokens"] > 0 and engine.active_sequences() > 0)
+    await wait_until(lambda: engine.stats()["tokens"] > tokens_before)  # the long batch is running
     batches_before = engine.stats()["batches"]
     late = await collect(engine, specs_for(prompt_ids[:2]), GREEDY)
     assert not long_task.done(), "the late request had to wait for the long batch to end"

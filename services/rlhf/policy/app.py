@@ -16,8 +16,9 @@ from rlhf.serving.swap import Swapper
 def make_policy_app(settings: Settings) -> ServiceApp:
     model_dir, ref = resolve_model(settings)
     engine = make_engine(settings, model_dir, ref)
-    servicer = PolicyServicer(Generator(engine, settings), Swapper(engine, settings.store_dir, "policy"))
+    swapper = Swapper(engine, settings.store_dir, "policy", settings.dtype)
+    servicer = PolicyServicer(Generator(engine, settings), swapper)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, policy_pb2_grpc.add_PolicyServiceServicer_to_server, ("LoadVersion",)
     )
-    return ServiceApp(settings, "policy", engine, [binding])
+    return ServiceApp(settings, "policy", engine, [binding], swapper)

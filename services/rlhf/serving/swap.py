@@ -1,13 +1,16 @@
 """Model version swaps shared by every service (LoadVersion and, later, registry following).
 
-A swappable target (a policy engine, a scorer) has `info` and `load_version(model_dir, ref)`,
-which loads the new version beside the old and switches atomically or raises leaving the old
-one serving. Swaps are serialised: one at a time per service.
+A swap to a store version: verify the manifest's checksums, load the weights beside the serving
+ones, replay the version's golden probes on them, switch only when they match. A swappable
+target (a policy engine, a scorer) has `info` and `load_version(model_dir, ref, check)`. On any
+failure the old version keeps serving, unchanged, and the caller gets FAILED_PRECONDITION with
+the reason. Swaps are serialised: one at a time per service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +21,9 @@ from typing import Protocol
 
 from rlhf.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.models.loading import UnsafeCheckpoint
+from rlhf.models.probes import ProbeMismatch, check_probes
+from rlhf.models.store import verify
 from rlhf.serving.metrics import MODEL_SWAPS, set_active_model
 
 log = logging.getLogger(__name__)
@@ -27,7 +33,10 @@ class Swappable(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    async def load_version(self, model_dir: Path, ref: ModelRef) -> None: ...
+    async def load_version(self, model_dir: Path, ref: ModelRef, check=None) -> None:
+        """Load beside the serving version; await `check(runner)` on the candidate (raising
+        refuses it); switch atomically. On any failure the old version keeps serving."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,11 @@ def pinned_ref(model_dir: Path) -> ModelRef:
 class Swapper:
     """Swaps `target` to versions found in `<store_dir>/<name>/<version>/`."""
 
-    def __init__(self, target: Swappable, store_dir: Path, service_label: str):
+    def __init__(self, target: Swappable, store_dir: Path, service_label: str, dtype: str = "float32"):
         self.target = target
         self.store_dir = Path(store_dir)
         self.label = service_label
+        self.dtype = dtype
         self._lock = asyncio.Lock()
 
     def version_dir(self, name: str, version: str) -> Path:
@@ -76,10 +86,16 @@ class Swapper:
             path = self.version_dir(previous.name, version)
             started = time.perf_counter()
             try:
-                await self.target.load_version(path, ModelRef(previous.name, version))
+                manifest = verify(path)  # checksums of every file, safetensors only
+                check = functools.partial(check_probes, manifest.probes, dtype=self.dtype)
+                await self.target.load_version(path, ModelRef(previous.name, version), check)
             except ServiceError:
                 MODEL_SWAPS.labels(self.label, "failed").inc()
                 raise
+            except (UnsafeCheckpoint, ProbeMismatch) as exc:
+                MODEL_SWAPS.labels(self.label, "refused").inc()
+                log.warning("swap of %s to %s refused: %s", previous.name, version, exc)
+                raise FailedPrecondition(f"version {version!r} refused: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old version
                 MODEL_SWAPS.labels(self.label, "failed").inc()
                 log.warning("swap of %s to %s failed: %s", previous.name, version, exc)

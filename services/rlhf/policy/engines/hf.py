@@ -462,9 +462,11 @@ class HFEngine:
         finally:
             self._release(request, cancelled=remaining > 0)
 
-    async def load_version(self, model_dir, ref: ModelRef) -> None:
+    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
         """Load `model_dir` beside the serving model (in another thread: batches keep running),
-        warm it up, then make it the model of every request admitted from now on."""
+        warm it up, let `check(greedy)` verify it (golden probes; raising refuses the version),
+        then make it the model of every request admitted from now on. On any failure the old
+        model keeps serving, unchanged."""
         if not self._serving:
             raise Unavailable("the policy engine is not serving")
         async with self._swap_lock:
@@ -475,6 +477,8 @@ class HFEngine:
                 raise FailedPrecondition(
                     f"loading {ref.name} version {ref.version} failed: {exc}"
                 ) from exc
+            if check is not None:
+                await check(functools.partial(self._candidate_greedy, loaded))
             if not self._serving:
                 raise Unavailable("the policy engine closed while loading")
             old, self._current = self._current, loaded  # the swap: one assignment on the loop
@@ -482,6 +486,10 @@ class HFEngine:
                 "hf engine swapped %s/%s -> %s/%s",
                 old.ref.name, old.ref.version, ref.name, ref.version,
             )
+
+    async def _candidate_greedy(self, loaded: _Loaded, prompts, max_new_tokens: int):
+        """Greedy (token ids, log-probs) of each prompt on weights that are not serving yet."""
+        return await asyncio.to_thread(_greedy, loaded, prompts, max_new_tokens)
 
     async def close(self) -> None:
         if self._loop is None:
@@ -671,6 +679,19 @@ def _generate_steps(
                 first = joining.prefill()
                 batch.merge(joining)
                 logits = torch.cat([logits, first])
+
+
+def _greedy(loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy generation through the engine's own batched path (used for golden probes)."""
+    request = _Request(SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), loaded, None)
+    seqs = [_Seq(SampleSpec(i, 0, tuple(p), None), request) for i, p in enumerate(prompts)]
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+    with torch.inference_mode():
+        for deltas, _, _ in _generate_steps(loaded, seqs):
+            for _, d in deltas:
+                out[d.prompt_index][0].extend(d.token_ids)
+                out[d.prompt_index][1].extend(d.logprobs)
+    return out
 
 
 def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:

