@@ -110,3 +110,40 @@ def assemble_stream(chunks) -> list[Completion]:
         Completion(i, j, a.text, a.token_ids, a.logprobs, a.finish_reason, a.prompt_token_ids)
         for (i, j), a in sorted(acc.items())
     ]
+
+
+# --- reward and reference services ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One reward r(x, y) per scored item, in request order, and the version that produced them."""
+
+    rewards: list[float]
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Bradley–Terry preference P(a ≻ b) = σ(r_a − r_b) and both rewards."""
+
+    probability_a: float
+    reward_a: float
+    reward_b: float
+    model: ModelRef
+
+
+@dataclass(frozen=True)
+class SequenceLogProbs:
+    """log π_ref(completion[i] | prompt, completion[:i]) for each i, and their float64 sum."""
+
+    logprobs: list[float]
+    sum: float
+
+
+@dataclass(frozen=True)
+class LogProbsResult:
+    """One SequenceLogProbs per item, in request order, and the version that produced them."""
+
+    results: list[SequenceLogProbs]
+    model: ModelRef

@@ -31,25 +31,39 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_policy_dir):
-    """The served model's name with one more version, `nan` (one layer's weights poisoned)."""
+def store(tmp_path_factory, tiny_policy_dir, tiny_policy_dir_b):
+    """A model store with versions of the served model's name (each with its manifest): `b`
+    (another checkpoint, with its golden probes), `wrong` (b's weights recorded with the served
+    model's probes: refused) and `nan` (a norm poisoned with NaN)."""
     from safetensors.torch import load_file, save_file
 
+    from rlhf.models.probes import compute_probes
+    from rlhf.models.store import ModelStore
+
     root = tmp_path_factory.mktemp("reference-store")
-    nan_dir = root / tiny_policy_dir.resolve().name / "nan"
+    nan_dir = tmp_path_factory.mktemp("reference-versions") / "nan"
     shutil.copytree(tiny_policy_dir, nan_dir)
     weights = load_file(nan_dir / "model.safetensors")
     key = next(k for k in weights if k.endswith("norm.weight"))
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
-    return root
+    ms = ModelStore(root)
+    name = tiny_policy_dir.resolve().name
+    versions = {
+        "b": ms.publish(name, tiny_policy_dir_b, kind="reference",
+                        probes=compute_probes("reference", tiny_policy_dir_b)).version,
+        "wrong": ms.publish(name, tiny_policy_dir_b, kind="reference",
+                            probes=compute_probes("reference", tiny_policy_dir)).version,
+        "nan": ms.publish(name, nan_dir, kind="reference").version,
+    }
+    return root, versions
 
 
 @pytest.fixture(scope="module")
 async def server(tiny_policy_dir, store):
     from rlhf.reference.app import make_reference_app
 
-    app = make_reference_app(make_settings(model_dir=tiny_policy_dir, store_dir=store, **BATCHING))
+    app = make_reference_app(make_settings(model_dir=tiny_policy_dir, store_dir=store[0], **BATCHING))
     async with running(app):
         yield app
 
@@ -109,6 +123,7 @@ async def test_32_concurrent_callers_get_what_one_at_a_time_gets(client, server,
     before = server.model.batcher.batches_run
     together = await asyncio.gather(*(client.logprobs(req) for req in requests))
     assert server.model.batcher.batches_run - before < 16  # they did share batches
+    assert server.model.batcher.batches_split == 0  # no batch failed and fell back to one by one
     for req, a, t in zip(requests, alone, together):
         for item, x, y in zip(req, a, t.results):
             assert len(x.logprobs) == len(y.logprobs) == len(item[1])
@@ -149,7 +164,7 @@ async def test_bad_inputs_are_invalid_argument_naming_the_field(client):
     assert len((await client.logprobs(ITEMS)).results) == len(ITEMS)  # still serving
 
 
-async def test_no_float_enters_and_a_nan_model_is_refused(client):
+async def test_no_float_enters_and_a_nan_model_is_refused(client, store):
     from google.protobuf.descriptor import FieldDescriptor
 
     from rlhfpb.v1 import reference_pb2
@@ -158,7 +173,7 @@ async def test_no_float_enters_and_a_nan_model_is_refused(client):
     for msg in (reference_pb2.LogProbsRequest, reference_pb2.LogProbsItem):
         assert not [f.name for f in msg.DESCRIPTOR.fields if f.type in floats], msg
     before = await client.get_model()
-    err = await expect_status(client.load_version("nan"), grpc.StatusCode.FAILED_PRECONDITION)
+    err = await expect_status(client.load_version(store[1]["nan"]), grpc.StatusCode.FAILED_PRECONDITION)
     assert "non-finite" in err.details
     assert (await client.get_model()).model == before.model
     res = await client.logprobs(ITEMS)
@@ -211,3 +226,20 @@ async def test_auth_token_health_get_model_and_blocking_client(tiny_policy_dir, 
             for service in ("", SERVICE_NAME):
                 resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_load_version_checks_probes_then_swaps(client, store, tiny_policy_dir_b):
+    """Runs last of the shared server's tests: it leaves version `b` serving."""
+    from rlhf.models.loading import load_causal_lm
+
+    versions = store[1]
+    before = await client.get_model()
+    err = await expect_status(client.load_version(versions["wrong"]), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "probe" in err.details and (await client.get_model()).model == before.model
+    swap = await client.load_version(versions["b"])
+    assert swap.previous == before.model and swap.model.version == versions["b"]
+    res = await client.logprobs(ITEMS)
+    assert res.model == swap.model
+    model_b = load_causal_lm(tiny_policy_dir_b)
+    for item, got in zip(ITEMS, res.results):
+        check(model_b, item, got)

@@ -40,29 +40,41 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_reward_dir):
-    """A model store holding two more versions of the served model's name: v2 (another seed)
-    and nan (score head poisoned with NaN)."""
+    """A model store with versions of the served model's name (each with its manifest):
+    `v2` (another seed, with its golden probes), `v1` (the served weights, to swap back to),
+    `wrong` (v2's weights recorded with v1's probes: refused) and `nan` (score head poisoned)."""
     from safetensors.torch import load_file, save_file
 
+    from rlhf.models.probes import compute_probes
+    from rlhf.models.store import ModelStore
     from rlhf.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("reward-store")
+    work = tmp_path_factory.mktemp("reward-versions")
+    ms = ModelStore(root)
     name = tiny_reward_dir.resolve().name
-    make_tiny_model("reward", root / name / "v2", seed=1)
-    nan_dir = root / name / "nan"
+    v2_dir = make_tiny_model("reward", work / "v2", seed=1)
+    nan_dir = work / "nan"
     shutil.copytree(tiny_reward_dir, nan_dir)
     weights = load_file(nan_dir / "model.safetensors")
     key = next(k for k in weights if k.startswith("score"))
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, nan_dir / "model.safetensors", metadata={"format": "pt"})
-    return root
+    v1_probes = compute_probes("reward", tiny_reward_dir)
+    versions = {
+        "v2": ms.publish(name, v2_dir, kind="reward", probes=compute_probes("reward", v2_dir)).version,
+        "v1": ms.publish(name, tiny_reward_dir, kind="reward", probes=v1_probes).version,
+        "wrong": ms.publish(name, v2_dir, kind="reward", probes=v1_probes).version,
+        "nan": ms.publish(name, nan_dir, kind="reward").version,
+    }
+    return root, versions, v2_dir
 
 
 @pytest.fixture(scope="module")
 async def server(tiny_reward_dir, store):
     from rlhf.reward.app import make_reward_app
 
-    settings = make_settings(model_dir=tiny_reward_dir, store_dir=store, metrics_port=0, **BATCHING)
+    settings = make_settings(model_dir=tiny_reward_dir, store_dir=store[0], metrics_port=0, **BATCHING)
     app = make_reward_app(settings)
     async with running(app):
         yield app
@@ -157,6 +169,7 @@ async def test_32_concurrent_callers_get_what_one_at_a_time_gets(client, server)
     batches_before = server.model.batcher.batches_run
     together = await asyncio.gather(*(client.score(req) for req in requests))
     assert server.model.batcher.batches_run - batches_before < 16  # they did share batches
+    assert server.model.batcher.batches_split == 0  # no batch failed and fell back to one by one
     worst = max(abs(a - b) for x, y in zip(alone, together) for a, b in zip(x, y.rewards))
     assert worst < TOL
 
@@ -226,7 +239,7 @@ async def test_a_bad_request_among_good_concurrent_ones_fails_alone(client):
     assert isinstance(results[-1], RpcError) and results[-1].code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_no_float_enters_and_a_nan_model_is_refused(client, tiny_reward_dir):
+async def test_no_float_enters_and_a_nan_model_is_refused(client, store):
     """No request field is a float, so NaN cannot come in through a request; the one other way
     is the weights: a version whose rewards are NaN fails its swap and the old one keeps serving."""
     from google.protobuf.descriptor import FieldDescriptor
@@ -238,7 +251,7 @@ async def test_no_float_enters_and_a_nan_model_is_refused(client, tiny_reward_di
                 reward_pb2.CompareRequest):
         assert not [f.name for f in msg.DESCRIPTOR.fields if f.type in floats], msg
     before = await client.get_model()
-    err = await expect_status(client.load_version("nan"), grpc.StatusCode.FAILED_PRECONDITION)
+    err = await expect_status(client.load_version(store[1]["nan"]), grpc.StatusCode.FAILED_PRECONDITION)
     assert "non-finite" in err.details
     assert (await client.get_model()).model == before.model
     assert all(math.isfinite(r) for r in (await client.score(PAIRS)).rewards)
@@ -266,27 +279,27 @@ async def test_cancelled_and_timed_out_callers_do_not_poison_the_batch(client, d
     assert len((await client.score(PAIRS)).rewards) == len(PAIRS)
 
 
-async def test_load_version_swaps_and_needs_the_admin_token(client, target, tiny_reward_dir, store):
+async def test_load_version_swaps_checks_probes_and_needs_the_admin_token(client, target, store):
     from rlhf.models.loading import load_reward_model, load_tokenizer
 
+    _, versions, v2_dir = store
     async with AsyncRewardClient(target) as anon:
-        await expect_status(anon.load_version("v2"), grpc.StatusCode.UNAUTHENTICATED)
+        await expect_status(anon.load_version(versions["v2"]), grpc.StatusCode.UNAUTHENTICATED)
     await expect_status(client.load_version("no-such-version"), grpc.StatusCode.NOT_FOUND)
     before = await client.get_model()
-    name = tiny_reward_dir.resolve().name
+    err = await expect_status(client.load_version(versions["wrong"]), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "probe" in err.details and (await client.get_model()).model == before.model
     try:
-        swap = await client.load_version("v2")
-        assert swap.previous == before.model and swap.model.version == "v2"
-        res = await client.score(PAIRS[:2])
+        swap = await client.load_version(versions["v2"])
+        assert swap.previous == before.model and swap.model.version == versions["v2"]
+        res = await client.score(PAIRS)
         assert res.model == swap.model
-        m2, tok = load_reward_model(store / name / "v2"), load_tokenizer(store / name / "v2")
+        m2, tok = load_reward_model(v2_dir), load_tokenizer(v2_dir)
         for (p, r), got in zip(PAIRS, res.rewards):
             assert abs(got - forward_reward(m2, encode(tok, p, r))) < TOL
-    finally:  # put the original back for the other tests: a store version of the same files
-        back = store / name / before.model.version
-        if not back.exists():
-            shutil.copytree(tiny_reward_dir, back)
-        await client.load_version(before.model.version)
+    finally:  # the served weights again (as a store version) for the other tests
+        await client.load_version(versions["v1"])
+    assert (await client.get_model()).model.version == versions["v1"]
 
 
 async def test_auth_token_health_and_get_model(tiny_reward_dir):

@@ -1,0 +1,1 @@
+"""Reference log-probs: the ReferenceService servicer and the frozen model behind it."""

@@ -1,0 +1,302 @@
+"""Reference log-probs: validate, micro-batch, teacher-force the frozen causal LM.
+
+For an item (prompt_ids, completion_ids) with P and C tokens the result is, for each i < C,
+
+    log π_ref(completion[i] | prompt, completion[:i])
+
+from the logits at position P − 1 + i of one forward pass over prompt + completion, log-softmaxed
+in fp32 over the whole vocabulary (temperature 1, nothing filtered), and their sum accumulated in
+float64. That is a teacher-forced forward pass of the checkpoint, which is what PPO's KL penalty
+and DPO's reference terms need.
+
+Batches are right-padded: every real token sits at the position it has alone, attends only to
+real tokens before it, and pads sit after it — padding never changes a result. Only the logits
+from the earliest position any row needs onwards are computed (`logits_to_keep`), and a batch
+whose logits would exceed `_LOGITS_BUDGET_BYTES` is run as row chunks.
+
+Versions: a request is pinned at admission to the model serving then; a batch holds one model
+only; `load_version` loads beside, warms up, lets the swapper replay the version's golden probes,
+and swaps by one assignment on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rlhf.config import Settings
+from rlhf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.serving.batcher import BatchLimits, MicroBatcher, calibrate_forward_cost, length_groups
+
+log = logging.getLogger(__name__)
+
+SERVICE_LABEL = "reference"
+_LOGITS_BUDGET_BYTES = 512 * 1024 * 1024  # fp32 logits of one forward pass, at most
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain data in and out
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogProbsItemInput:
+    """One prompt and the completion to score under it (token ids)."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LogProbsResult:
+    """Per-token log-probs of one completion (fp32 values) and their float64 sum."""
+
+    logprobs: list[float]
+    sum: float
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded model and batch items
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Loaded:
+    """One loaded reference checkpoint (never changed once it serves; hashed by identity)."""
+
+    ref: ModelRef
+    model: object  # a transformers causal LM
+    info: ModelInfo
+    pad_id: int
+    device: object
+    keeps_logits: bool  # forward() takes `logits_to_keep`
+    forward_cost_tokens: int = 128  # fixed cost of one forward pass, in tokens (see length_groups)
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    loaded: _Loaded
+    prompt_len: int
+    ids: tuple[int, ...]  # prompt + completion
+
+
+def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
+    from rlhf.models.loading import load_causal_lm, max_context
+
+    model = load_causal_lm(model_dir, dtype=settings.dtype, device=settings.device)
+    model.eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    info = ModelInfo(
+        ref=ref,
+        backend="hf",
+        kind="reference",
+        max_context=int(max_context(cfg)),
+        vocab_size=int(cfg.vocab_size),
+    )
+    device = next(model.parameters()).device
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _Loaded(ref, model, info, int(pad), device, keeps)
+
+
+def logprobs_batch(items: list[_Item]) -> list[LogProbsResult | BaseException]:
+    """Teacher-forced log-probs of `items` (one model); runs in the worker thread.
+
+    The batch is split into a few right-padded forward passes of similar lengths
+    (`length_groups`), each small enough that its logits stay under `_LOGITS_BUDGET_BYTES`.
+    """
+    loaded = items[0].loaded
+    out: list[LogProbsResult | BaseException] = [None] * len(items)  # type: ignore[list-item]
+    groups = length_groups([len(it.ids) for it in items], forward_cost_tokens=loaded.forward_cost_tokens)
+    for group in groups:
+        width = len(items[group[-1]].ids)  # groups are sorted by length
+        rows = max(1, _LOGITS_BUDGET_BYTES // max(1, width * loaded.info.vocab_size * 4))
+        for start in range(0, len(group), rows):
+            chunk = group[start : start + rows]
+            for i, result in zip(chunk, _forward(loaded, [items[i] for i in chunk])):
+                out[i] = result
+    return out
+
+
+def _forward(loaded: _Loaded, items: list[_Item]) -> list[LogProbsResult | BaseException]:
+    """One right-padded forward pass over `items`; each item's completion log-probs."""
+    import torch
+
+    width = max(len(it.ids) for it in items)
+    ids = torch.full((len(items), width), loaded.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, : len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
+        mask[i, : len(it.ids)] = 1
+    # Logits at position t predict token t + 1: row i needs positions [P_i − 1, len_i − 2].
+    first = min(it.prompt_len for it in items) - 1
+    kwargs = {"logits_to_keep": width - first} if loaded.keeps_logits else {}
+    rows = torch.tensor([i for i, it in enumerate(items) for _ in range(len(it.ids) - it.prompt_len)])
+    pos = torch.tensor([t for it in items for t in range(it.prompt_len - 1, len(it.ids) - 1)])  # (N,)
+    with torch.inference_mode():
+        logits = loaded.model(
+            input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs
+        ).logits  # (B, K, V), column 0 = position width − K
+        offset = width - logits.shape[1]
+        dev = logits.device
+        picked = logits[rows.to(dev), (pos - offset).to(dev)].float()  # (N, V) fp32
+        targets = ids[rows, pos + 1].to(dev)  # (N,)
+        lp = torch.log_softmax(picked, dim=-1).gather(-1, targets[:, None])[:, 0]  # (N,)
+        sums = torch.zeros(len(items), dtype=torch.float64, device=dev).index_add_(
+            0, rows.to(dev), lp.double()
+        )  # (B,) float64
+        values, totals = lp.cpu().tolist(), sums.cpu().tolist()
+    results: list[LogProbsResult | BaseException] = []
+    k = 0
+    for it, total in zip(items, totals):
+        n = len(it.ids) - it.prompt_len
+        if math.isfinite(total):
+            results.append(LogProbsResult(values[k : k + n], total))
+        else:
+            results.append(ServiceError(f"the reference model produced a non-finite log-prob ({total})"))
+        k += n
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# The service object
+# ------------------------------------------------------------------------------------------------
+
+
+class ReferenceModel:
+    """The frozen reference model behind ReferenceService: `logprobs`, hot swap.
+
+    Public API: `info`, `start()`, `logprobs(items)`, `load_version(dir, ref)`, `health()`,
+    `close()`, and `batcher` (for metrics and tests).
+    """
+
+    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
+        self._settings = settings
+        self._model_dir = Path(model_dir)
+        self._initial_ref = ref
+        self._current: _Loaded | None = None
+        self._swap_lock: asyncio.Lock | None = None
+        self.batcher: MicroBatcher[_Item, LogProbsResult] = MicroBatcher(
+            SERVICE_LABEL,
+            logprobs_batch,
+            BatchLimits.from_settings(settings),
+            cost=lambda it: len(it.ids),
+            key=lambda it: it.loaded,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._loaded().info
+
+    def health(self) -> bool:
+        return self._current is not None and self.batcher.running
+
+    async def start(self) -> None:
+        if self._current is not None:
+            return
+        self._swap_lock = asyncio.Lock()
+        self._current = await asyncio.to_thread(self._load_and_warm, self._model_dir, self._initial_ref)
+        await self.batcher.start()
+        log.info("reference model serving %s/%s", self._current.ref.name, self._current.ref.version)
+
+    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
+        """Load `model_dir` beside the serving model and warm it up; let `check(logprobs)` verify
+        it (golden probes: `await logprobs([[prompt_ids, completion_ids], ...]) -> [[logprob]]` on
+        the new weights; raising refuses the version); then serve new requests on it. On any
+        failure the serving model stays, unchanged."""
+        if not self.health():
+            raise Unavailable("the reference service is not serving")
+        async with self._swap_lock:
+            try:
+                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
+            except Exception as exc:
+                log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
+                raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
+            if check is not None:
+                await check(functools.partial(self._candidate_logprobs, loaded))
+            if not self.health():
+                raise Unavailable("the reference service closed while loading")
+            old, self._current = self._current, loaded
+            log.info("reference model swapped %s/%s -> %s/%s", old.ref.name, old.ref.version,
+                     ref.name, ref.version)
+
+    @staticmethod
+    async def _candidate_logprobs(loaded: _Loaded, items) -> list[list[float]]:
+        """Log-probs of (prompt_ids, completion_ids) items on weights that are not serving yet."""
+        batch = [_Item(loaded, len(p), tuple(p) + tuple(c)) for p, c in items]
+        out = await asyncio.to_thread(logprobs_batch, batch)
+        for x in out:
+            if isinstance(x, BaseException):
+                raise x
+        return [x.logprobs for x in out]
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._current = None
+
+    async def logprobs(self, items: Sequence[LogProbsItemInput]) -> tuple[list[LogProbsResult], ModelRef]:
+        """One result per item, in order, and the version that produced them."""
+        loaded = self._loaded()  # pinned: the whole request runs on this model
+        if not items:
+            raise InvalidArgument("items", "at least one item is required")
+        limit = self._settings.max_prompts_per_request
+        if len(items) > limit:
+            raise ResourceExhausted(f"items: {len(items)} items, the limit is {limit}")
+        batch = [self._item(loaded, i, it) for i, it in enumerate(items)]
+        results = await self.batcher.submit(batch)
+        return results, loaded.ref
+
+    def _loaded(self) -> _Loaded:
+        current = self._current
+        if current is None:
+            raise Unavailable("the reference model is not loaded")
+        return current
+
+    @staticmethod
+    def _item(loaded: _Loaded, i: int, item: LogProbsItemInput) -> _Item:
+        path = f"items[{i}]"
+        if not item.prompt_ids:
+            raise InvalidArgument(f"{path}.prompt_ids", "at least one prompt token is required")
+        if not item.completion_ids:
+            raise InvalidArgument(f"{path}.completion_ids", "at least one completion token is required")
+        vocab = loaded.info.vocab_size
+        for name, ids in (("prompt_ids", item.prompt_ids), ("completion_ids", item.completion_ids)):
+            for j, t in enumerate(ids):
+                if not 0 <= t < vocab:
+                    raise InvalidArgument(
+                        f"{path}.{name}[{j}]", f"token id {t} outside the vocabulary [0, {vocab})"
+                    )
+        ids = tuple(item.prompt_ids) + tuple(item.completion_ids)
+        ctx = loaded.info.max_context
+        if len(ids) > ctx:
+            raise InvalidArgument(
+                path, f"prompt + completion is {len(ids)} tokens; the model's context is {ctx}"
+            )
+        return _Item(loaded, len(item.prompt_ids), ids)
+
+    def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
+        loaded = _load(model_dir, ref, self._settings)
+        probe = _Item(loaded, 2, tuple(min(t, loaded.info.vocab_size - 1) for t in (5, 6, 7, 8)))
+        (result,) = logprobs_batch([probe])
+        if isinstance(result, BaseException):
+            raise result
+        vocab = loaded.info.vocab_size
+
+        def forward(rows: int, width: int) -> None:
+            item = _Item(loaded, max(1, width // 2), tuple((5 + k) % vocab for k in range(width)))
+            _forward(loaded, [item] * rows)
+
+        loaded.forward_cost_tokens = calibrate_forward_cost(forward)
+        log.info("reference %s/%s: one forward pass costs about %d tokens", ref.name, ref.version,
+                 loaded.forward_cost_tokens)
+        return loaded

@@ -1,0 +1,356 @@
+"""Reward scoring: validate, tokenize, micro-batch, run the sequence classifier.
+
+A reward item is a (prompt, response) pair, as text or as token ids. Text is tokenized with the
+model's tokenizer, prompt and response separately and without special tokens, and concatenated
+(`encode(prompt) + encode(response)`), the same way the policy tokenizes text prompts; callers
+who need other tokens (a chat template, an appended eos) send token ids.
+
+The reward of an item is the model's output for that token sequence alone: the classifier's
+score at the last token that is not the pad id, as `Model(input_ids=ids)` computes it. Batches
+are right-padded with the pad id, so every real token sits where it would without padding, never
+attends to a pad, and the pooled position is the same one: padding does not change a result.
+
+Versions: each request is pinned when it is admitted to the model serving then; a batch holds
+one model only (the batcher's key), so both rewards of a `compare` always come from one version.
+`load_version` loads beside the serving model in another thread, warms it up, lets the swapper
+replay the version's golden probes on it, and swaps by one assignment on the loop; batches
+already queued finish on the model they were pinned to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rlhf.config import Settings
+from rlhf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.serving.batcher import BatchLimits, MicroBatcher, calibrate_forward_cost, length_groups
+
+log = logging.getLogger(__name__)
+
+SERVICE_LABEL = "reward"
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain data in and out (the servicer translates protobuf to and from these)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreItemInput:
+    """One item: a text pair (`prompt`, `response`) or a token pair (`prompt_ids`, `response_ids`).
+
+    Exactly one form is set; `None` marks the unset one.
+    """
+
+    prompt: str | None = None
+    response: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    response_ids: tuple[int, ...] | None = None
+
+    @classmethod
+    def text(cls, prompt: str, response: str) -> "ScoreItemInput":
+        return cls(prompt=prompt, response=response)
+
+    @classmethod
+    def tokens(cls, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> "ScoreItemInput":
+        return cls(prompt_ids=tuple(prompt_ids), response_ids=tuple(response_ids))
+
+
+@dataclass(frozen=True)
+class CompareInput:
+    """One prompt and two responses: as text, or (when any id field is set) as token ids."""
+
+    prompt: str = ""
+    response_a: str = ""
+    response_b: str = ""
+    prompt_ids: tuple[int, ...] | None = None
+    response_a_ids: tuple[int, ...] | None = None
+    response_b_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """P(a ≻ b) = σ(r_a − r_b) and both rewards, from one model version."""
+
+    probability_a: float
+    reward_a: float
+    reward_b: float
+    ref: ModelRef
+
+
+def sigmoid(x: float) -> float:
+    """σ(x) in float64 without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaded model and batch items
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Loaded:
+    """One loaded reward checkpoint (never changed once it serves; hashed by identity)."""
+
+    ref: ModelRef
+    model: object  # a transformers *ForSequenceClassification with num_labels == 1
+    tokenizer: object
+    info: ModelInfo
+    pad_id: int
+    device: object
+    forward_cost_tokens: int = 128  # fixed cost of one forward pass, in tokens (see length_groups)
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """One token sequence to score on one pinned model (what the batcher carries)."""
+
+    loaded: _Loaded
+    ids: tuple[int, ...]
+
+
+def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
+    from rlhf.models.loading import load_reward_model, load_tokenizer, max_context
+
+    model = load_reward_model(model_dir, dtype=settings.dtype, device=settings.device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir)
+    pad = model.config.pad_token_id  # load_reward_model guarantees one
+    info = ModelInfo(
+        ref=ref,
+        backend="hf",
+        kind="reward",
+        max_context=int(max_context(model.config)),
+        vocab_size=int(model.config.vocab_size),
+    )
+    device = next(model.parameters()).device
+    return _Loaded(ref, model, tokenizer, info, int(pad), device)
+
+
+def score_batch(items: list[_Item]) -> list[float | BaseException]:
+    """Rewards of `items` (one model); runs in the worker thread.
+
+    The batch is split into a few right-padded forward passes of similar lengths
+    (`length_groups`). A non-finite reward is that item's own error (INTERNAL: the model, not
+    the caller, is at fault).
+    """
+    loaded = items[0].loaded
+    out: list[float | BaseException] = [0.0] * len(items)
+    groups = length_groups([len(it.ids) for it in items], forward_cost_tokens=loaded.forward_cost_tokens)
+    for group in groups:
+        for i, s in zip(group, _forward([items[i].ids for i in group], loaded)):
+            out[i] = s if math.isfinite(s) else ServiceError(
+                f"the reward model produced a non-finite reward ({s})"
+            )
+    return out
+
+
+def _forward(seqs: list[tuple[int, ...]], loaded: _Loaded) -> list[float]:
+    """One right-padded forward pass; the pooled score of each sequence `(B,)` as floats."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), loaded.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    with torch.inference_mode():
+        out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))
+        return out.logits[:, 0].float().cpu().tolist()  # fp32 values
+
+
+# ------------------------------------------------------------------------------------------------
+# The scorer
+# ------------------------------------------------------------------------------------------------
+
+
+class RewardScorer:
+    """The reward model behind RewardService: `score`, `compare`, hot swap.
+
+    Public API: `info`, `tokenizer`, `start()`, `score(items)`, `compare(input)`,
+    `load_version(dir, ref)`, `health()`, `close()`, and `batcher` (for metrics and tests).
+    """
+
+    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
+        self._settings = settings
+        self._model_dir = Path(model_dir)
+        self._initial_ref = ref
+        self._current: _Loaded | None = None
+        self._swap_lock: asyncio.Lock | None = None
+        self.batcher: MicroBatcher[_Item, float] = MicroBatcher(
+            SERVICE_LABEL,
+            score_batch,
+            BatchLimits.from_settings(settings),
+            cost=lambda it: len(it.ids),
+            key=lambda it: it.loaded,
+        )
+
+    # -------------------------------------------------------------- lifecycle
+    @property
+    def info(self) -> ModelInfo:
+        return self._loaded().info
+
+    @property
+    def tokenizer(self):
+        return self._loaded().tokenizer
+
+    def health(self) -> bool:
+        return self._current is not None and self.batcher.running
+
+    async def start(self) -> None:
+        if self._current is not None:
+            return
+        self._swap_lock = asyncio.Lock()
+        self._current = await asyncio.to_thread(self._load_and_warm, self._model_dir, self._initial_ref)
+        await self.batcher.start()
+        log.info("reward scorer serving %s/%s", self._current.ref.name, self._current.ref.version)
+
+    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
+        """Load `model_dir` beside the serving model and warm it up; let `check(score)` verify it
+        (golden probes: `await score([[prompt_ids, response_ids], ...]) -> [reward]` on the new
+        weights; raising refuses the version); then serve new requests on it. On any failure
+        the serving model stays, unchanged."""
+        if not self.health():
+            raise Unavailable("the reward service is not serving")
+        async with self._swap_lock:
+            try:
+                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
+            except Exception as exc:
+                log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
+                raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
+            if check is not None:
+                await check(functools.partial(self._candidate_scores, loaded))
+            if not self.health():
+                raise Unavailable("the reward service closed while loading")
+            old, self._current = self._current, loaded  # the swap: one assignment on the loop
+            log.info("reward scorer swapped %s/%s -> %s/%s", old.ref.name, old.ref.version,
+                     ref.name, ref.version)
+
+    @staticmethod
+    async def _candidate_scores(loaded: _Loaded, items) -> list[float]:
+        """Rewards of (prompt_ids, response_ids) pairs on weights that are not serving yet."""
+        batch = [_Item(loaded, tuple(p) + tuple(r)) for p, r in items]
+        out = await asyncio.to_thread(score_batch, batch)
+        for x in out:
+            if isinstance(x, BaseException):
+                raise x
+        return out
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._current = None
+
+    # -------------------------------------------------------------- requests
+    async def score(self, items: Sequence[ScoreItemInput]) -> tuple[list[float], ModelRef]:
+        """One reward per item, in order, and the version that produced them."""
+        loaded = self._loaded()  # pinned: the whole request runs on this model
+        if not items:
+            raise InvalidArgument("items", "at least one item is required")
+        limit = self._settings.max_prompts_per_request
+        if len(items) > limit:
+            raise ResourceExhausted(f"items: {len(items)} items, the limit is {limit}")
+        batch = [_Item(loaded, self._item_ids(loaded, f"items[{i}]", it)) for i, it in enumerate(items)]
+        rewards = await self.batcher.submit(batch)
+        return rewards, loaded.ref
+
+    async def compare(self, req: CompareInput) -> CompareResult:
+        """P(a ≻ b) = σ(r_a − r_b) (float64, from the returned float32 rewards) and both rewards."""
+        loaded = self._loaded()
+        by_ids = any(x is not None for x in (req.prompt_ids, req.response_a_ids, req.response_b_ids))
+        if by_ids:
+            for name in ("prompt", "response_a", "response_b"):
+                if getattr(req, name):
+                    raise InvalidArgument(name, "set the text fields or the token-id fields, not both")
+            prompt = req.prompt_ids or ()
+            seqs = [
+                self._token_ids(loaded, "", prompt, response or (), "prompt_ids.ids", f"{name}.ids")
+                for name, response in (("response_a_ids", req.response_a_ids),
+                                       ("response_b_ids", req.response_b_ids))
+            ]
+        else:
+            seqs = [
+                self._text_ids(loaded, "", req.prompt, req.response_a, "prompt", "response_a"),
+                self._text_ids(loaded, "", req.prompt, req.response_b, "prompt", "response_b"),
+            ]
+        ra, rb = await self.batcher.submit([_Item(loaded, s) for s in seqs])
+        return CompareResult(sigmoid(ra - rb), ra, rb, loaded.ref)
+
+    # -------------------------------------------------------------- validation
+    def _loaded(self) -> _Loaded:
+        current = self._current
+        if current is None:
+            raise Unavailable("the reward model is not loaded")
+        return current
+
+    def _item_ids(self, loaded: _Loaded, path: str, item: ScoreItemInput) -> tuple[int, ...]:
+        if item.response_ids is not None or item.prompt_ids is not None:
+            return self._token_ids(loaded, f"{path}.tokens", item.prompt_ids or (), item.response_ids or (),
+                                   "prompt_ids", "response_ids")
+        if item.response is not None or item.prompt is not None:
+            return self._text_ids(loaded, f"{path}.text", item.prompt or "", item.response or "",
+                                  "prompt", "response")
+        raise InvalidArgument(path, "set text or tokens")
+
+    @staticmethod
+    def _join(path: str, name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    def _text_ids(self, loaded, path, prompt: str, response: str, p_name: str, r_name: str):
+        if not response:
+            raise InvalidArgument(self._join(path, r_name), "empty response")
+        tok = loaded.tokenizer
+        p_ids = tuple(tok.encode(prompt, add_special_tokens=False, verbose=False)) if prompt else ()
+        r_ids = tuple(tok.encode(response, add_special_tokens=False, verbose=False))
+        if not r_ids:
+            raise InvalidArgument(self._join(path, r_name), "the response encodes to no tokens")
+        return self._fits(loaded, path or r_name, p_ids + r_ids)
+
+    def _token_ids(self, loaded, path, prompt_ids, response_ids, p_name: str, r_name: str):
+        if not response_ids:
+            raise InvalidArgument(self._join(path, r_name), "empty response")
+        vocab = loaded.info.vocab_size
+        for name, ids in ((p_name, prompt_ids), (r_name, response_ids)):
+            for j, t in enumerate(ids):
+                if not 0 <= t < vocab:
+                    raise InvalidArgument(
+                        f"{self._join(path, name)}[{j}]", f"token id {t} outside the vocabulary [0, {vocab})"
+                    )
+        return self._fits(loaded, path or r_name, tuple(prompt_ids) + tuple(response_ids))
+
+    @staticmethod
+    def _fits(loaded: _Loaded, path: str, ids: tuple[int, ...]) -> tuple[int, ...]:
+        ctx = loaded.info.max_context
+        if len(ids) > ctx:
+            raise InvalidArgument(
+                path, f"prompt + response is {len(ids)} tokens; the model's context is {ctx}"
+            )
+        return ids
+
+    # -------------------------------------------------------------- loading (worker thread)
+    def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
+        loaded = _load(model_dir, ref, self._settings)
+        probe = tuple(min(t, loaded.info.vocab_size - 1) for t in (5, 6, 7, 8))
+        (reward,) = score_batch([_Item(loaded, probe)])
+        if isinstance(reward, BaseException):
+            raise reward
+        vocab = loaded.info.vocab_size
+
+        def forward(rows: int, width: int) -> None:
+            _forward([tuple((5 + k) % vocab for k in range(width))] * rows, loaded)
+
+        loaded.forward_cost_tokens = calibrate_forward_cost(forward)
+        log.info("reward %s/%s: one forward pass costs about %d tokens", ref.name, ref.version,
+                 loaded.forward_cost_tokens)
+        return loaded
