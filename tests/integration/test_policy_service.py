@@ -251,3 +251,15 @@ def test_nan_never_appears_in_logprobs(client):
     res = client.generate(PROMPTS, SamplingParams(temperature=2.0, top_p=0.5, max_new_tokens=16, seed=5,
                                                   return_logprobs=True))
     assert all(math.isfinite(x) and x <= 0 for c in res.completions for x in c.logprobs)
+
+
+def test_request_id_echoed_in_trailing_metadata(policy_target):
+    from rlhfpb.v1 import common_pb2, policy_pb2_grpc
+
+    with grpc.insecure_channel(policy_target) as ch:
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        _, call = stub.GetModel.with_call(common_pb2.GetModelRequest(), metadata=(("x-request-id", "abc123"),),
+                                          timeout=10)
+        assert dict(call.trailing_metadata())["x-request-id"] == "abc123"
+        _, call = stub.GetModel.with_call(common_pb2.GetModelRequest(), timeout=10)
+        assert len(dict(call.trailing_metadata())["x-request-id"]) == 32  # generated when absent

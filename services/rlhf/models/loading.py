@@ -195,6 +195,8 @@ def max_context(config: Any) -> int:
 def _torch_dtype(dtype: str) -> torch.dtype:
     import torch
 
+    if dtype == "auto":  # transformers on this path: full precision unless asked otherwise
+        dtype = "float32"
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     return getattr(torch, dtype)
