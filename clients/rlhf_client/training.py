@@ -164,6 +164,10 @@ class TrainingClient:
         """Queue a Bradley–Terry reward-model job (fields: `rlhf.trainer.jobs.RewardModelJob`)."""
         return self.submit({**spec, "type": "reward_model"})
 
+    def submit_dpo(self, **spec: Any) -> str:
+        """Queue a DPO job on a policy (fields: `rlhf.trainer.jobs.DPOJob`)."""
+        return self.submit({**spec, "type": "dpo"})
+
     # ------------------------------------------------------------------ follow
     def status(self, job_id: str) -> JobRecord:
         rec = read_job(self.r, job_id)

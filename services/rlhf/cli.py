@@ -27,6 +27,7 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--drain-grace",), dict(dest="drain_grace_s", type=float, help="SIGTERM grace seconds")),
     (("--redis-url",), dict(dest="redis_url")),
     (("--log-level",), dict(dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])),
+    (("--torch-threads",), dict(dest="torch_threads", type=int, help="torch intra-op threads")),
 ]
 _VLLM_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--backend",), dict(dest="backend", choices=["hf", "vllm"], help="policy engine")),
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     demo.add_argument("--prompts", type=int, default=4)
+
+    from rlhf.trainer.cli import add_parsers as add_trainer_parsers
+
+    add_trainer_parsers(sub)  # worker, jobs, models
     return p
 
 
@@ -105,6 +110,10 @@ def _serve(args) -> int:
         return 2
     setup_logging(settings.log_level)
     logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if args.service == "policy":
         from rlhf.policy.app import make_policy_app as make
     elif args.service == "reward":
@@ -132,7 +141,25 @@ def _demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo}
+    if args.command in ("worker", "jobs", "models"):
+        return _trainer(args)
     return handlers[args.command](args)
+
+
+def _trainer(args) -> int:
+    from pydantic import ValidationError
+
+    from rlhf.trainer.cli import HANDLERS
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"rlhf {args.command}: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level if args.command == "worker" else "WARNING")
+    if args.command == "worker":
+        logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
+    return HANDLERS[args.command](args, settings)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     backend: Backend = Field("hf", description="Policy engine: hf (transformers) or vllm.")
     device: str = Field("cpu", description="torch device for the hf backend and the trainer.")
     dtype: DType = Field("float32", description="Weights dtype for serving.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads (unset: torch's default, one per core)."
+    )
     swap_poll_s: float = Field(5.0, gt=0, description="Registry poll period (missed events).")
 
     # --- vLLM engine ---------------------------------------------------------------------------
@@ -78,12 +81,54 @@ class Settings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"), description="Redis for queues, registry, jobs."
     )
 
+    # --- trainer: Celery worker, job records, stream consumers (rlhf.trainer) ------------------
+    celery_visibility_timeout_s: float = Field(
+        3600.0, gt=0,
+        description="Redis broker: seconds a delivered, unacked job waits before it is handed to "
+        "another worker (a SIGKILLed worker's job). Must exceed the longest job.",
+    )
+    worker_pool: Literal["prefork", "solo"] = Field(
+        "prefork", description="Celery pool: prefork keeps the main process answering pings "
+        "(probes) while a job trains in the child; solo runs jobs in the main process.",
+    )
+    worker_concurrency: int = Field(1, gt=0, description="Jobs one worker runs at a time.")
+    worker_soft_shutdown_s: float = Field(
+        120.0, ge=0,
+        description="SIGTERM: seconds a running job gets to finish before it is cancelled and "
+        "requeued (Celery soft shutdown). Keep the pod's grace period above it.",
+    )
+    job_lease_s: float = Field(
+        60.0, gt=0,
+        description="A running job holds a lease renewed every third of this; a redelivered copy "
+        "of a job whose lease is still held waits instead of running twice.",
+    )
+    job_max_retries: int = Field(3, ge=0, description="Retries of a job after a transient error.")
+    job_record_ttl_s: int = Field(
+        30 * 24 * 3600, gt=0, description="How long a finished job's record stays in Redis."
+    )
+    queue_max_deliveries: int = Field(
+        5, gt=0, description="A stream entry delivered more often than this is dead-lettered."
+    )
+    queue_claim_idle_ms: int = Field(
+        600_000, gt=0,
+        description="Entries pending this long with one consumer are reclaimed by another "
+        "(XAUTOCLAIM); a live job's heartbeat keeps its own entries below it.",
+    )
+    queue_metrics_interval_s: float = Field(
+        15.0, gt=0, description="Worker: seconds between queue-depth metric refreshes."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if self.model_dir is not None and self.model_name is not None:
             raise ValueError("set model_dir (pinned) or model_name (follow the registry), not both")
+        if self.queue_claim_idle_ms < 1000 * self.job_lease_s:
+            raise ValueError(
+                "queue_claim_idle_ms must be at least job_lease_s (in ms): a live job touches its "
+                "entries every third of its lease, so only a dead job's entries go idle that long"
+            )
         return self
 
     def redacted(self) -> dict:

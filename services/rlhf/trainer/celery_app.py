@@ -1,0 +1,121 @@
+"""The trainer's Celery app: job control over a Redis broker, JSON only.
+
+    celery --app rlhf.trainer.celery_app inspect ping     # the pod's probes
+    rlhf worker                                          # the pod's command (see trainer/cli.py)
+
+Configuration (from `Settings`, see `celery_config`):
+- Redis broker = `redis_url`; JSON is the only serializer accepted for tasks, results and
+  events (`accept_content=['json']`): a message in any other format is refused unread.
+- `task_acks_late` + `task_reject_on_worker_lost`: a job is acked when it returns; a pool child
+  killed mid-job puts its job back. `worker_prefetch_multiplier=1`: a worker holds only the job
+  it runs. Redis has no real acks: a delivered job sits in kombu's `unacked` hash and goes back
+  to its queue after `celery_visibility_timeout_s` (a whole worker SIGKILLed), so that timeout
+  must exceed the longest job; the job lease (jobs.py) stops a copy redelivered while the first
+  still runs.
+- Queues are named for their work (`QUEUE_FOR_TASK`); tasks route by name.
+- Soft shutdown: `worker_soft_shutdown_timeout = worker_soft_shutdown_s`; `rlhf worker` maps
+  SIGTERM to Celery's cold shutdown, so on SIGTERM a running job gets that long, then is
+  cancelled and requeued (acks late), all within the pod's grace period.
+- No result backend: the job record in Redis (jobs.py) is the result.
+
+Settings are read once per process: `rlhf worker` passes its own (CLI flags included) through
+`configure`; under the plain `celery` command they come from the environment on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from rlhf.config import Settings
+
+TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model", "dpo": "rlhf.train_dpo"}
+QUEUE_FOR_TASK: dict[str, str] = {"rlhf.train_reward_model": "train.reward_model",
+                                  "rlhf.train_dpo": "train.dpo"}
+QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUE_FOR_TASK.values())))
+# One direct exchange, each queue bound by its own name: a job reaches exactly its queue (queues
+# declared without a key would all share the default key and every job would reach all of them).
+EXCHANGE = Exchange("rlhf.train", type="direct")
+
+
+def task_queue(name: str) -> Queue:
+    return Queue(name, EXCHANGE, routing_key=name)
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """This process's settings (built from the environment if no entry point configured them)."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
+
+
+def _static_config() -> dict:
+    """The parts of the configuration that never depend on settings."""
+    return dict(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[task_queue(q) for q in QUEUES],
+        task_routes={task: {"queue": q, "exchange": EXCHANGE.name, "routing_key": q}
+                     for task, q in QUEUE_FOR_TASK.items()},
+        task_create_missing_queues=False,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+
+
+def _transport_options(visibility_timeout_s: float) -> dict:
+    # kombu sweeps the unacked hash every interval × throttle seconds (default 10 × 10): keep the
+    # sweep well inside the visibility timeout, so a dead worker's job comes back on time.
+    return {
+        "visibility_timeout": visibility_timeout_s,
+        "unacked_restore_interval": max(1, min(10, int(visibility_timeout_s // 4))),
+        "unacked_restore_throttle": 1,
+    }
+
+
+def celery_config(settings: Settings) -> dict:
+    """The full Celery configuration for `settings`."""
+    return dict(
+        _static_config(),
+        broker_url=settings.redis_url.get_secret_value(),
+        broker_transport_options=_transport_options(settings.celery_visibility_timeout_s),
+        worker_pool=settings.worker_pool,
+        worker_concurrency=settings.worker_concurrency,
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=False,
+    )
+
+
+app = Celery("rlhf", include=["rlhf.trainer.tasks"], set_as_current=False)
+app.add_defaults(lambda: celery_config(get_settings()))  # a promise: read on first use
+
+
+def configure(settings: Settings) -> Celery:
+    """Use `settings` for this process's app (call before the app is used)."""
+    global _settings
+    _settings = settings
+    if app.configured:
+        app.conf.update(celery_config(settings))
+    return app
+
+
+@functools.lru_cache(maxsize=8)
+def sender(redis_url: str) -> Celery:
+    """An app that only sends job messages to the broker at `redis_url` (clients, CLI)."""
+    s = Celery("rlhf-sender", set_as_current=False)
+    s.conf.update(_static_config(), broker_url=redis_url)
+    return s

@@ -1,0 +1,168 @@
+"""Preference data for the trainers: pairs from queue payloads or JSONL, rankings expanded.
+
+A `Ranking` orders responses by rank (lower is better; equal ranks are ties). It expands to
+every strictly ordered pair: for ranks D=0 > C=1 > A=B=2 that is (D,C), (D,A), (D,B), (C,A),
+(C,B) — the tie A=B gives none. Every pair keeps the id of the payload it came from
+(`source_id`): the split and the applied-id bookkeeping work per payload, so all pairs of one
+ranking land on the same side of the train/eval split.
+
+JSONL files hold one object per line, either a pair
+    {"id": "p1", "prompt": "...", "chosen": "...", "rejected": "..."}
+or a ranking
+    {"id": "r1", "prompt": "...", "responses": ["...", "..."], "ranks": [0, 1]}
+"id" is optional (the line's position in the file is used); "source" is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_client.queues import PayloadError, validate_payload
+from rlhfpb.v1 import samples_pb2
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (names the file and line, or the payload)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference: `chosen` ≻ `rejected` for `prompt`, from payload `source_id`."""
+
+    source_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def expand_ranking(
+    prompt: str, responses: Sequence[str], ranks: Sequence[int], *, source_id: str = ""
+) -> list[Pair]:
+    """Every strictly ordered pair of a ranking (lower rank is better; ties give no pair).
+
+    Pairs come in a fixed order: by the better response's position, then the worse one's.
+    """
+    if len(responses) != len(ranks):
+        raise DataError(f"ranking {source_id!r}: {len(ranks)} ranks for {len(responses)} responses")
+    n = len(responses)
+    return [
+        Pair(source_id, prompt, responses[i], responses[j])
+        for i in range(n)
+        for j in range(n)
+        if ranks[i] < ranks[j]
+    ]
+
+
+def pairs_from_payload(payload) -> list[Pair]:
+    """The pairs of one queue payload (a PreferencePair, or a Ranking expanded).
+
+    Raises `DataError` for any other payload type: a preference job cannot use a ScoredSample.
+    """
+    if isinstance(payload, samples_pb2.PreferencePair):
+        return [Pair(payload.id, payload.prompt, payload.chosen, payload.rejected)]
+    if isinstance(payload, samples_pb2.Ranking):
+        return expand_ranking(payload.prompt, list(payload.responses), list(payload.ranks),
+                              source_id=payload.id)
+    raise DataError(f"{payload.DESCRIPTOR.full_name} is not preference data (pairs or rankings)")
+
+
+def check_preference_payload(payload) -> None:
+    """The `validate` hook of a preference consumer: raises for payloads a preference job can't use."""
+    pairs_from_payload(payload)
+
+
+def read_jsonl(path: str | Path) -> list[Pair]:
+    """Pairs from a JSONL file (pairs and rankings; see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs: list[Pair] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected an object")
+            pid = str(obj.get("id") or f"{path.name}:{lineno}")
+            try:
+                if "responses" in obj:
+                    msg = samples_pb2.Ranking(id=pid, prompt=str(obj.get("prompt", "")),
+                                              responses=list(obj["responses"]), ranks=list(obj["ranks"]))
+                else:
+                    msg = samples_pb2.PreferencePair(id=pid, prompt=str(obj.get("prompt", "")),
+                                                     chosen=obj["chosen"], rejected=obj["rejected"])
+                validate_payload(msg)
+            except KeyError as exc:
+                raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
+            except (TypeError, ValueError, PayloadError) as exc:
+                raise DataError(f"{where}: {exc}") from None
+            pairs.extend(pairs_from_payload(msg))
+    return pairs
+
+
+def split_by_source(
+    pairs: Sequence[Pair], eval_fraction: float, *, seed: int = 0
+) -> tuple[list[Pair], list[Pair]]:
+    """(train, eval): a deterministic split by payload id (a retry gets the same split).
+
+    The payload ids are ordered by a keyed hash; the first ⌈fraction · n⌉ (at least one when the
+    fraction is positive and there are two or more payloads) go to eval.
+    """
+    sources = sorted({p.source_id for p in pairs},
+                     key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    k = 0
+    if eval_fraction > 0 and len(sources) >= 2:
+        k = min(len(sources) - 1, max(1, round(eval_fraction * len(sources))))
+    held_out = set(sources[:k])
+    train = [p for p in pairs if p.source_id not in held_out]
+    evals = [p for p in pairs if p.source_id in held_out]
+    return train, evals
+
+
+def unique_source_ids(pairs: Iterable[Pair]) -> list[str]:
+    return sorted({p.source_id for p in pairs})
+
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic preference task (tests, benchmarks, demos)
+# ---------------------------------------------------------------------------------------------
+
+_POSITIVE = ("good", "great", "excellent", "wonderful", "lovely", "nice", "best", "happy")
+_NEGATIVE = ("bad", "terrible", "awful", "worst", "wrong", "sad", "dirty", "lazy")
+_NOUNS = ("cat", "dog", "book", "song", "cake", "park", "game", "story", "house", "train",
+          "apple", "banana", "teacher", "garden", "river", "letter")
+_FILLER = ("the", "a", "my", "your", "red", "blue", "green", "big", "small", "old", "new",
+           "on", "in", "with", "today", "really", "very", "yes", "please", "thanks")
+
+
+def synthetic_pairs(n: int, *, seed: int = 0, prefix: str = "syn") -> list[Pair]:
+    """`n` pairs where the chosen response praises and the rejected one criticises.
+
+    Both responses share the prompt's noun and random filler words in random places, so the
+    only signal is the sentiment word (one of eight each way, in the vocabulary of the tiny
+    models' tokenizer). A random-init reward model scores about 0.5 on it.
+    """
+    r = random.Random(seed)
+
+    def response(noun: str, word: str) -> str:
+        words = [r.choice(_FILLER) for _ in range(r.randint(2, 6))]
+        words.insert(r.randint(0, len(words)), f"the {noun} was {word}")
+        return " ".join(words) + "."
+
+    pairs = []
+    for i in range(n):
+        noun = r.choice(_NOUNS)
+        prompt = f"what do you think of the {noun}?"
+        pairs.append(Pair(f"{prefix}-{i}", prompt, response(noun, r.choice(_POSITIVE)),
+                          response(noun, r.choice(_NEGATIVE))))
+    return pairs

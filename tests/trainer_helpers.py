@@ -1,0 +1,136 @@
+"""Helpers for the trainer's tests (queues, registry, jobs, worker): Redis DBs, cleanup, waiting.
+
+The trainer's tests use their own Redis databases (other suites share the server) and unique
+names inside them, and delete every key they made.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+REDIS_URL = "redis://127.0.0.1:6379/11"  # queues, registry, in-process jobs
+WORKER_REDIS_URL = "redis://127.0.0.1:6379/12"  # Celery broker + everything a worker test makes
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def delete_matching(client: redis.Redis, *patterns: str) -> int:
+    n = 0
+    for pattern in patterns:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            n += client.delete(*keys)
+    return n
+
+
+def fake_hf_dir(d: Path, weights: bytes = b"weights-1") -> Path:
+    """A directory shaped like a Hugging Face checkpoint (the store never parses the weights)."""
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_labels": 1}))
+    (d / "model.safetensors").write_bytes(weights)
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def forget_model(client: redis.Redis, name: str) -> None:
+    """Remove a model's registry keys (the registry's prefix is fixed: `rlhf:`)."""
+    delete_matching(client, f"rlhf:model:{name}:*")
+    client.srem("rlhf:models", name)
+
+
+def forget_job(client: redis.Redis, job_id: str) -> None:
+    delete_matching(client, f"rlhf:job:{job_id}*")
+    client.zrem("rlhf:jobs", job_id)
+
+
+def wait_for(cond: Callable[[], object], *, timeout: float, what: str, interval: float = 0.05):
+    """Poll `cond` until it returns something truthy (returned); AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def synthetic_messages(n: int, *, seed: int, prefix: str):
+    """`n` PreferencePair messages of the synthetic task (chosen praises, rejected criticises)."""
+    from rlhfpb.v1 import samples_pb2
+
+    from rlhf.trainer.data import synthetic_pairs
+
+    return [samples_pb2.PreferencePair(id=p.source_id, prompt=p.prompt, chosen=p.chosen,
+                                       rejected=p.rejected, source="synthetic")
+            for p in synthetic_pairs(n, seed=seed, prefix=prefix)]
+
+
+class Worker:
+    """`rlhf worker` (prefork, one child) in its own process group, output to a log file."""
+
+    def __init__(self, log_path: Path, *, redis_url: str, store: Path, name: str, env: dict[str, str]):
+        self.log_path = log_path
+        self.name = name
+        child_env = {**os.environ, "RLHF_TORCH_THREADS": "1", **env}
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf", "worker", "--pool", "prefork", "--concurrency", "1",
+             "--redis-url", redis_url, "--store", str(store), "--metrics-port", "0",
+             "--hostname", name],
+            stdout=self._log, stderr=subprocess.STDOUT, env=child_env, cwd=REPO,
+            start_new_session=True,  # its own process group: killpg takes main + pool child
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> "Worker":
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return " ready." in self.log()
+
+        wait_for(ready, timeout=timeout, what=f"{self.name} to be ready", interval=0.2)
+        return self
+
+    def metrics_port(self) -> int:
+        import re
+
+        m = re.search(r"metrics listening on \S+?:(\d+)", self.log())
+        assert m, self.log()[-2000:]
+        return int(m.group(1))
+
+    def pool_children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool child), like an OOM kill or eviction."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
