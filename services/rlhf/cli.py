@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
-    demo.add_argument("--prompts", type=int, default=4)
+    demo.add_argument("--pairs", type=int, default=300, help="synthetic preference pairs to push")
 
     from rlhf.trainer.cli import add_parsers as add_trainer_parsers
 
