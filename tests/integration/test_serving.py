@@ -19,8 +19,7 @@ from rlhf_client import AsyncPolicyClient, RpcError, SamplingParams
 
 POLL_S = 0.2
 SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_POLL_S = 0.2
-SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _health(port: int, service: str = "") -> int:
