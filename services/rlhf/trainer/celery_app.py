@@ -31,7 +31,8 @@ from kombu import Exchange, Queue
 
 from rlhf.config import Settings
 
-TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model", "dpo": "rlhf.train_dpo"}
+TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model",
+                                "dpo": "rlhf.train_dpo"}
 QUEUE_FOR_TASK: dict[str, str] = {"rlhf.train_reward_model": "train.reward_model",
                                   "rlhf.train_dpo": "train.dpo"}
 QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUE_FOR_TASK.values())))

@@ -161,7 +161,8 @@ class DPOJob(_Spec):
 
     type: Literal["dpo"] = "dpo"
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
-    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to publish to.")
+    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
+                            "publish to.")
     base_dir: str | None = Field(None, description="Start from this HF directory (a first "
                                  "version); unset: from base_version of model_name.")
     base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "

@@ -1,0 +1,706 @@
+"""DPO training: preference pairs in, a new policy version out.
+
+    loss (sigmoid) = −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))])
+
+`train_dpo(spec, pairs, base_dir=..., out_dir=...)` is the training as a plain function (tests
+and the benchmark call it); `run_dpo_job(spec, ctx)` is the job around it — read the pairs
+(stream or JSONL), split, train, publish a version (parent = the base) with its metrics and
+the ids it applied, commit the stream entries, activate if asked. The Celery task
+`rlhf.train_dpo` only calls `jobs.execute(spec, run_dpo_job)`. The spec is `jobs.DPOJob`.
+
+- Tokenization: the policy's tokenizer; with a chat template the prompt is one user turn
+  rendered with the generation prompt and each response the assistant turn after it; without
+  one prompt and response texts are concatenated and eos is appended to the response. The
+  completion is what follows the prompt's tokens (their longest common prefix with the row's
+  tokens), each row is cut to `max_length` keeping its start, and a pair whose prompt alone
+  fills `max_length` is skipped. (This is TRL's DPOTrainer tokenization, token for token.)
+- Sequence log-probs are summed over completion tokens only (`rlhf.trainer.logprobs`): the
+  chosen and rejected rows of a batch share one packed forward pass in which their common
+  prompt is computed once, and the LM head runs only on completion positions.
+- Reference log-probs come from the ReferenceService (batched calls) or a local checkpoint
+  (default: the base itself), computed once per pair before training and cached on it; the
+  reference model is freed before the policy trains. Reference-free losses skip them.
+- AdamW (weight decay on matrices only), linear warm-up then constant or linear decay,
+  gradient accumulation and clipping, `epochs` passes or `max_steps` optimizer steps.
+- Metrics: loss, implicit-reward accuracy (ties count half), margin, chosen / rejected rewards,
+  for the last training step (`train_*`) and the held-out pairs before and after
+  (`eval_*_initial`, `eval_*`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from rlhf.trainer.jobs import REFERENCE_FREE_LOSSES, DPOJob
+
+if TYPE_CHECKING:
+    from rlhf.trainer.jobs import JobContext, JobResult
+
+log = logging.getLogger(__name__)
+
+JOB_TYPE = "dpo"
+
+__all__ = [
+    "DPOJob",
+    "DPOError",
+    "PreferenceText",
+    "TokenizedPair",
+    "encode_pair",
+    "encode_pairs",
+    "ReferenceSource",
+    "LocalReference",
+    "ServiceReference",
+    "make_reference",
+    "attach_reference_logps",
+    "DPOLossConfig",
+    "pair_logps",
+    "batch_loss",
+    "train_step",
+    "make_optimizer",
+    "evaluate",
+    "DPOTrainResult",
+    "train_dpo",
+    "run_dpo_job",
+]
+
+
+class DPOError(ValueError):
+    """The job cannot run as specified (no usable pairs, a reference that cannot be found ...)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairs and tokenization
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceText:
+    """One pair as text (the queue's PreferencePair, a JSONL row)."""
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+    @classmethod
+    def of(cls, obj: Any) -> "PreferenceText":
+        """From a PreferenceText, a `data.Pair` (id = its `source_id`), a PreferencePair
+        message, or a mapping with those keys."""
+        if isinstance(obj, cls):
+            return obj
+        get = obj.get if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
+        pid = get("id", None) or get("source_id", None) or ""
+        return cls(str(pid), str(get("prompt", "") or ""), str(get("chosen", "") or ""),
+                   str(get("rejected", "") or ""))
+
+
+@dataclass
+class TokenizedPair:
+    """A pair as token ids, with its cached reference log-probs (summed over completion tokens)."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen is not None and self.ref_rejected is not None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer, pair: Any, *, max_length: int,
+                append_eos: bool = True) -> TokenizedPair | None:
+    """Token ids of one pair; None when the prompt alone fills `max_length` or a side is empty.
+
+    With a chat template the prompt is one user turn rendered with the generation prompt and each
+    response is the assistant turn that follows it; without one the texts are concatenated
+    (prompt + response) and eos is appended. Either way the completion is what follows the
+    longest common prefix of the prompt's and the full row's tokens (they differ only when
+    tokens merge across the boundary), and each row is cut to `max_length` keeping its start.
+    """
+    p = PreferenceText.of(pair)
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": p.prompt}]
+
+        def render(messages, gen):
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=gen)
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        prompt_ids = render(user, True)
+        full_c = render(user + [{"role": "assistant", "content": p.chosen}], False)
+        full_r = render(user + [{"role": "assistant", "content": p.rejected}], False)
+    else:
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+        prompt_ids = enc(p.prompt)
+        full_c = enc(p.prompt + p.chosen) + eos
+        full_r = enc(p.prompt + p.rejected) + eos
+    n = min(_common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r))
+    if n < 1 or n >= max_length:
+        return None
+    chosen, rejected = full_c[n:max_length], full_r[n:max_length]
+    if not chosen or not rejected:
+        return None
+    return TokenizedPair(p.id, tuple(prompt_ids[:n]), tuple(chosen), tuple(rejected))
+
+
+def encode_pairs(tokenizer, pairs: Iterable[Any], *, max_length: int,
+                 append_eos: bool = True) -> tuple[list[TokenizedPair], int]:
+    """Tokenize `pairs` (in order), dropping unusable ones; returns (pairs, number skipped).
+
+    Ids need not be unique (a ranking's pairs share their payload's id); a pair without one
+    gets `#<position>`. Applying each payload once is the queue consumer's job."""
+    out: list[TokenizedPair] = []
+    skipped = 0
+    cache: dict[tuple[str, str, str], TokenizedPair | None] = {}
+    for i, raw in enumerate(pairs):
+        text = PreferenceText.of(raw)
+        key = (text.prompt, text.chosen, text.rejected)
+        if key not in cache:
+            cache[key] = encode_pair(tokenizer, text, max_length=max_length, append_eos=append_eos)
+        tp = cache[key]
+        if tp is None:
+            skipped += 1
+            continue
+        out.append(TokenizedPair(text.id or f"#{i}", tp.prompt_ids, tp.chosen_ids, tp.rejected_ids))
+    return out, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference log-probs
+# ------------------------------------------------------------------------------------------------
+
+Item = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, completion_ids)
+
+
+class ReferenceSource(Protocol):
+    """Sequence log-probs log π_ref(completion | prompt), summed over completion tokens."""
+
+    def sequence_logps(self, items: Sequence[Item]) -> list[float]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class LocalReference:
+    """A reference checkpoint loaded here (frozen, inference mode)."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_items: int = 64,
+                 model=None):
+        from rlhf.models.loading import load_causal_lm
+
+        self.model_dir = Path(model_dir)
+        self.model = model if model is not None else load_causal_lm(self.model_dir, device=device)
+        self.model.requires_grad_(False)
+        cfg = self.model.config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+        self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+        self.batch_items = batch_items
+
+    def sequence_logps(self, items: Sequence[Item]) -> list[float]:
+        import torch
+
+        from rlhf.trainer.logprobs import completion_logprobs
+
+        out: list[float] = [0.0] * len(items)
+        # rows with the same prompt side by side: a packed forward computes that prompt once
+        order = sorted(range(len(items)), key=lambda i: (tuple(items[i][0]), len(items[i][1])))
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch_items):
+                idx = order[s : s + self.batch_items]
+                batch = [items[i] for i in idx]
+                sums = completion_logprobs(self.model, batch, pad_id=self.pad_id).sums
+                for i, v in zip(idx, sums.tolist()):
+                    out[i] = v
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "local", "model_dir": str(self.model_dir)}
+
+    def close(self) -> None:
+        self.model = None
+
+
+class ServiceReference:
+    """The ReferenceService, called with `batch_items` sequences per request."""
+
+    def __init__(self, client, *, batch_items: int = 64, timeout: float | None = None,
+                 own_client: bool = False):
+        self.client = client  # rlhf_client.ReferenceClient (sync)
+        self.batch_items = batch_items
+        self.timeout = timeout
+        self.own_client = own_client  # close() closes the client
+        self.model: dict[str, str] | None = None  # name/version the service reported
+
+    def sequence_logps(self, items: Sequence[Item]) -> list[float]:
+        out: list[float] = [0.0] * len(items)
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        for s in range(0, len(order), self.batch_items):
+            idx = order[s : s + self.batch_items]
+            res = self.client.logprobs([(list(items[i][0]), list(items[i][1])) for i in idx],
+                                       timeout=self.timeout)
+            ref = {"name": res.model.name, "version": res.model.version}
+            if self.model is None:
+                self.model = ref
+            elif ref != self.model:
+                raise DPOError("the reference service changed version during the job: "
+                               f"{self.model} -> {ref}")
+            for i, r in zip(idx, res.results):
+                out[i] = float(r.sum)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "service", "model": self.model}
+
+    def close(self) -> None:
+        if self.own_client:
+            self.client.close()
+
+
+def attach_reference_logps(pairs: Sequence[TokenizedPair], source: ReferenceSource, *,
+                           batch_pairs: int = 256) -> int:
+    """Fill `ref_chosen` / `ref_rejected` of every pair that lacks them (computed once, cached on
+    the pair); returns how many pairs were computed."""
+    todo = [p for p in pairs if not p.has_reference]
+    for s in range(0, len(todo), batch_pairs):
+        chunk = todo[s : s + batch_pairs]
+        items: list[Item] = [(p.prompt_ids, p.chosen_ids) for p in chunk]
+        items += [(p.prompt_ids, p.rejected_ids) for p in chunk]
+        values = source.sequence_logps(items)
+        for k, p in enumerate(chunk):
+            p.ref_chosen, p.ref_rejected = float(values[k]), float(values[len(chunk) + k])
+    return len(todo)
+
+
+# ------------------------------------------------------------------------------------------------
+# The DPO step
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+
+    @classmethod
+    def from_spec(cls, spec: DPOJob) -> "DPOLossConfig":
+        return cls(spec.loss_type, spec.beta, spec.label_smoothing, spec.simpo_gamma,
+                   spec.rpo_alpha)
+
+
+def pair_logps(model, pairs: Sequence[TokenizedPair], *, pad_id: int):
+    """Policy sequence log-probs of a batch: (chosen (B,), rejected (B,), chosen_len (B,),
+    rejected_len (B,)); chosen and rejected rows share the forward passes."""
+    from rlhf.trainer.logprobs import completion_logprobs
+
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    out = completion_logprobs(model, rows, pad_id=pad_id)
+    b = len(pairs)
+    return out.sums[:b], out.sums[b:], out.counts[:b], out.counts[b:]
+
+
+def batch_loss(model, pairs: Sequence[TokenizedPair], cfg: DPOLossConfig, *, pad_id: int):
+    """Mean loss of a batch (graph attached) and its metrics (plain floats): loss, accuracy
+    (implicit-reward accuracy, ties count half), margin, chosen_reward, rejected_reward."""
+    import torch
+
+    from rlhf.trainer.losses import dpo_loss, preference_metrics
+
+    pi_c, pi_r, n_c, n_r = pair_logps(model, pairs, pad_id=pad_id)
+    ref_c = ref_r = None
+    if cfg.loss_type not in REFERENCE_FREE_LOSSES:
+        if not all(p.has_reference for p in pairs):
+            raise DPOError("reference log-probs missing: call attach_reference_logps first")
+        ref_c = torch.tensor([p.ref_chosen for p in pairs], dtype=pi_c.dtype, device=pi_c.device)
+        ref_r = torch.tensor([p.ref_rejected for p in pairs], dtype=pi_r.dtype, device=pi_r.device)
+    losses, rc, rr = dpo_loss(
+        pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
+        chosen_len=n_c.to(pi_c.device), rejected_len=n_r.to(pi_r.device),
+    )
+    loss = losses.mean()
+    metrics = {"loss": float(loss.detach()), **preference_metrics(rc, rr)}
+    return loss, metrics
+
+
+def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]],
+               cfg: DPOLossConfig, *, pad_id: int,
+               max_grad_norm: float | None = 1.0) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation: each micro-batch's mean
+    loss weighted 1/len(micro_batches)), clipping, AdamW; returns pair-weighted mean metrics
+    (and `grad_norm`, the norm before clipping, when clipping)."""
+    import torch
+
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in micro_batches:
+        loss, m = batch_loss(model, batch, cfg, pad_id=pad_id)
+        (loss / len(micro_batches)).backward()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
+        n += len(batch)
+    out = {k: v / n for k, v in sums.items()}
+    if max_grad_norm is not None:
+        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def make_optimizer(model, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 0.0):
+    """torch AdamW (the fused kernel where the parameters' device supports it, else the default);
+    weight decay on weight matrices only (not on biases, norms)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    except (RuntimeError, ValueError):  # a device / dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def evaluate(model, pairs: Sequence[TokenizedPair], cfg: DPOLossConfig, *, pad_id: int,
+             batch_size: int = 16) -> dict[str, float]:
+    """Loss and reward metrics over `pairs` (no gradients), pair-weighted means."""
+    import torch
+
+    totals: dict[str, float] = {}
+    with torch.inference_mode():
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s : s + batch_size]
+            _, m = batch_loss(model, chunk, cfg, pad_id=pad_id)
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * len(chunk)
+    return {k: v / max(1, len(pairs)) for k, v in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain training function
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOTrainResult:
+    metrics: dict[str, Any]
+    applied_ids: list[str]  # payload ids with a pair in at least one optimizer step, sorted
+    eval_ids: list[str]  # payload ids of the held-out pairs, sorted
+    unapplied_ids: list[str]  # training payload ids no step reached (max_steps < one pass)
+    reference: dict[str, Any] = field(default_factory=dict)
+
+
+def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: str = "cpu",
+                   token: str | None = None) -> "ReferenceSource":
+    """The reference source the spec names (`store` resolves `reference.version`)."""
+    ref = spec.reference
+    if ref.source == "service":
+        from rlhf_client import ReferenceClient
+
+        return ServiceReference(ReferenceClient(ref.target, token=token, timeout=ref.timeout_s),
+                                batch_items=ref.batch_items, timeout=ref.timeout_s, own_client=True)
+    if ref.model_dir is not None:
+        ref_dir = Path(ref.model_dir)
+    elif ref.version is not None:
+        if store is None:
+            raise DPOError("reference.version needs the model store")
+        store.verify(spec.model_name, ref.version)
+        ref_dir = store.path(spec.model_name, ref.version)
+    else:
+        ref_dir = Path(base_dir)
+    return LocalReference(ref_dir, device=device, batch_items=ref.batch_items)
+
+
+def _lr_factor(step: int, total: int, spec: DPOJob) -> float:
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "linear":
+        span = max(1, total - spec.warmup_steps)
+        return max(0.0, 1.0 - (step - spec.warmup_steps) / span)
+    return 1.0
+
+
+StepFn = Callable[[int, int, dict[str, float]], None]
+
+
+def train_dpo(
+    spec: DPOJob,
+    pairs: Sequence[Any],
+    *,
+    base_dir: str | Path,
+    out_dir: str | Path | None = None,
+    eval_pairs: Sequence[Any] = (),
+    reference: "ReferenceSource | None" = None,
+    progress: StepFn | None = None,
+    check: Callable[[], None] | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> DPOTrainResult:
+    """Train the policy in `base_dir` on `pairs` with DPO; save it to `out_dir` (when given).
+
+    `pairs` / `eval_pairs`: `data.Pair`s, PreferencePair messages or mappings with prompt /
+    chosen / rejected (and an id). `reference` overrides the spec's reference source (its
+    default: `make_reference`). `progress(step, total, metrics)` after every optimizer step;
+    `check()` too (it may raise to stop). `threads` sets torch's intra-op threads for the call.
+    Raises `DPOError` when no pair is usable. Deterministic for a seed and thread count.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(spec, pairs, base_dir=Path(base_dir), out_dir=out_dir, eval_pairs=eval_pairs,
+                      reference=reference, progress=progress, check=check, device=device)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, check, device):
+    import torch
+
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.models.tiny import quiet_progress_bars
+
+    t_start = time.perf_counter()
+    tokenizer = load_tokenizer(base_dir, padding_side="right")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    train, skipped = encode_pairs(tokenizer, pairs, max_length=spec.max_length,
+                                  append_eos=spec.append_eos)
+    held, skipped_eval = encode_pairs(tokenizer, eval_pairs, max_length=spec.max_length,
+                                      append_eos=spec.append_eos)
+    if not train:
+        raise DPOError(f"no usable preference pairs ({skipped} of {len(pairs)} skipped: a prompt "
+                       f"that fills max_length={spec.max_length}, or an empty response)")
+
+    cfg = DPOLossConfig.from_spec(spec)
+    ref_info: dict[str, Any] = {"source": "none"}
+    if spec.needs_reference:
+        own = reference is None
+        source = make_reference(spec, base_dir=base_dir, device=device) if own else reference
+        t0 = time.perf_counter()
+        try:
+            computed = attach_reference_logps(train + held, source)
+        finally:
+            if own:
+                source.close()  # free a local reference model before the policy trains
+        ref_info = {**source.describe(), "computed_pairs": computed,
+                    "seconds": round(time.perf_counter() - t0, 3)}
+
+    torch.manual_seed(spec.seed)
+    model = load_causal_lm(base_dir, device=device)
+    model.eval()  # no dropout: policy and reference log-probs are compared like for like
+    initial = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size) if held else {}
+    opt = make_optimizer(model, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
+                         weight_decay=spec.weight_decay)
+    per_step = spec.batch_size * spec.grad_accum_steps
+    total = spec.max_steps or spec.epochs * math.ceil(len(train) / per_step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, spec))
+
+    rng = random.Random(spec.seed)
+    order: list[int] = []
+    seen: set[str] = set()
+    last: dict[str, float] = {}
+    t_train = time.perf_counter()
+    for step in range(1, total + 1):
+        micro = []
+        for _ in range(spec.grad_accum_steps):
+            if len(order) < spec.batch_size:  # next pass: a fresh shuffle after what is left
+                fresh = list(range(len(train)))
+                rng.shuffle(fresh)
+                order += fresh
+            micro.append([train[i] for i in order[: spec.batch_size]])
+            del order[: spec.batch_size]
+            seen.update(p.id for p in micro[-1])
+        lr = opt.param_groups[0]["lr"]
+        last = train_step(model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm)
+        sched.step()
+        if progress is not None:
+            progress(step, total, {**{f"train_{k}": v for k, v in last.items()}, "lr": lr})
+        if check is not None:
+            check()
+    train_s = time.perf_counter() - t_train
+
+    metrics: dict[str, Any] = {
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_pairs": skipped + skipped_eval,
+        "steps": total,
+        "loss_type": spec.loss_type,
+        "beta": spec.beta,
+        **{f"train_{k}": v for k, v in last.items()},
+        "train_seconds": round(train_s, 3),
+        "pairs_per_s": round(total * per_step / train_s, 2) if train_s > 0 else None,
+    }
+    if held:
+        final = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size)
+        metrics.update({f"eval_{k}": v for k, v in final.items()})
+        metrics.update({f"eval_{k}_initial": v for k, v in initial.items()})
+    if spec.needs_reference:
+        metrics["reference_seconds"] = ref_info["seconds"]
+    metrics["seconds"] = round(time.perf_counter() - t_start, 3)
+    if out_dir is not None:
+        with quiet_progress_bars():
+            model.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+    return DPOTrainResult(metrics, sorted(seen), sorted({p.id for p in held}),
+                          sorted({p.id for p in train} - seen), ref_info)
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+
+
+def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
+    """Read → split → reference log-probs → train → publish → commit → (activate).
+
+    Safe to run again after a crash: a version this job already published is finished off, not
+    trained again; stream entries are acked only after the version is committed.
+    """
+    from rlhf_client.registry import Registry
+
+    from rlhf.models.probes import compute_probes
+    from rlhf.models.store import ModelStore
+    from rlhf.serving.metrics import TRAIN_METRIC
+    from rlhf.trainer.data import (
+        DataError,
+        check_preference_payload,
+        pairs_from_payload,
+        read_jsonl,
+        split_by_source,
+    )
+    from rlhf.trainer.jobs import TransientError
+    from rlhf.trainer.publish import find_job_version, publish_version, resolve_base
+    from rlhf.trainer.queues import StreamConsumer
+
+    settings = ctx.settings
+    store = ModelStore(settings.store_dir)
+    registry = Registry(ctx.redis_text)
+    consumer = None
+    if spec.source.type == "stream":
+        consumer = StreamConsumer(
+            ctx.redis_bytes, spec.source.stream, spec.source.group, f"job-{spec.job_id}",
+            max_deliveries=settings.queue_max_deliveries,
+            claim_idle_ms=settings.queue_claim_idle_ms,
+            validate=check_preference_payload,
+        )
+    manifest = find_job_version(store, spec.model_name, spec.job_id)
+    if manifest is not None:  # an earlier attempt published and died before finishing
+        log.info("job %s: version %s already published; finishing it", spec.job_id,
+                 manifest.version)
+        return _finish(spec, ctx, registry, manifest, consumer)
+
+    base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
+                        base_version=spec.base_version)
+    entries = []
+    if consumer is not None:
+        entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
+        ctx.on_heartbeat(lambda: consumer.touch(entries))
+        consumer.update_metrics()
+        pairs = [p for e in entries for p in pairs_from_payload(e.payload)]
+        where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
+    else:
+        pairs = read_jsonl(spec.source.path)
+        where = spec.source.path
+    if len(pairs) < spec.min_pairs:
+        raise DataError(f"{where} gave {len(pairs)} usable pairs; the job needs at least "
+                        f"{spec.min_pairs}")
+    train, evals = split_by_source(pairs, spec.eval_fraction, seed=spec.seed)
+    ctx.progress(0.0, {"stage": "reference", "pairs": len(pairs), "train_pairs": len(train),
+                       "eval_pairs": len(evals)}, force=True)
+
+    def on_step(step: int, total: int, m: dict[str, float]) -> None:
+        ctx.progress(step / total, {"stage": "training", "step": step, "steps": total, **m})
+        for k, v in m.items():
+            TRAIN_METRIC.labels(JOB_TYPE, k).set(v)
+
+    token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
+    reference = None
+    if spec.needs_reference:
+        reference = make_reference(spec, base_dir=base.model_dir, store=store,
+                                   device=settings.device, token=token)
+    with tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
+        try:
+            result = train_dpo(spec, train, base_dir=base.model_dir, out_dir=tmp, eval_pairs=evals,
+                               reference=reference, progress=on_step, check=ctx.check,
+                               device=settings.device, threads=settings.torch_threads)
+        finally:
+            if reference is not None:
+                reference.close()
+        ctx.check()
+        if consumer is not None and not consumer.owns(entries):
+            raise TransientError("some stream entries were reclaimed by another consumer while "
+                                 "training (heartbeat missed); retrying on fresh reads")
+        # Entries whose pairs no step reached stay pending for a later job (see StreamConsumer).
+        unapplied = set(result.unapplied_ids)
+        extra = {
+            "job_type": JOB_TYPE,
+            "source": spec.source.model_dump(),
+            "base": {"dir": str(base.model_dir), "version": base.version},
+            "applied_ids": result.applied_ids,
+            "eval_ids": result.eval_ids,
+            "unapplied_ids": result.unapplied_ids,
+            "stream_entries": [e.entry_id for e in entries if e.id not in unapplied],
+            "reference": result.reference,
+            "spec": spec.model_dump(mode="json"),
+        }
+        probes = compute_probes("policy", tmp)  # what a service checks before swapping to it
+        manifest = publish_version(store, registry, spec.model_name, tmp, parent=base.version,
+                                   job_id=spec.job_id, kind="policy", metrics=result.metrics,
+                                   extra=extra, probes=probes)
+    return _finish(spec, ctx, registry, manifest, consumer)
+
+
+def _finish(spec: DPOJob, ctx: "JobContext", registry, manifest, consumer) -> "JobResult":
+    """After the version is committed: register, ack its entries, activate if asked.
+
+    Acked: the entries of payloads trained on, held out, or without a usable pair; recorded as
+    applied (never read again): the ids trained on and held out. Entries of payloads that no
+    optimizer step reached (`max_steps` short of a pass) stay pending for a later job."""
+    from rlhf.serving.metrics import TRAIN_METRIC
+    from rlhf.trainer.jobs import JobResult
+    from rlhf.trainer.publish import maybe_activate, register
+
+    register(registry, manifest)
+    if consumer is not None:
+        consumer.commit(payload_ids=manifest.extra.get("applied_ids", []) +
+                        manifest.extra.get("eval_ids", []),
+                        entry_ids=manifest.extra.get("stream_entries", []))
+        consumer.update_metrics()
+        consumer.close()
+    activated, why = maybe_activate(registry, manifest, activate=spec.activate,
+                                    min_eval_accuracy=spec.min_eval_accuracy)
+    for k in ("eval_accuracy", "eval_loss", "eval_margin"):
+        if k in manifest.metrics:
+            TRAIN_METRIC.labels(JOB_TYPE, k).set(manifest.metrics[k])
+    metrics = {**manifest.metrics, "activated": activated, "activation": why}
+    ctx.progress(1.0, metrics, force=True)
+    return JobResult(manifest.version, metrics)

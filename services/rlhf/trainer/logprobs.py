@@ -1,0 +1,445 @@
+"""Sequence log-probs of completions under a causal LM, with gradients: DPO's and PPO's core.
+
+For a row (prompt_ids, completion_ids) with P and C tokens the per-token values are
+
+    log π(completion[i] | prompt, completion[:i]),   i < C
+
+taken from the hidden state at position P − 1 + i of one teacher-forced forward pass over
+prompt + completion (temperature 1, the whole vocabulary), and the row's sequence log-prob is
+their sum: prompt tokens never count. The numbers equal a plain `model(ids).logits` forward
+(what the reference service computes); this module just does less work to get them:
+
+- packing: sequences are laid end to end in rows of a few hundred tokens with a block-diagonal
+  causal mask and per-sequence positions, so almost nothing is spent on padding; sequences
+  with the same prompt (DPO's chosen and rejected, PPO's samples of one prompt) share one copy
+  of it — each completion attends to the prompt and to itself, not to its siblings — so the
+  prompt is computed once;
+- the LM head runs only on the completion positions: the backbone's hidden states are gathered
+  at those positions first, so no `(rows, width, vocab)` logits tensor ever exists;
+- log-softmax is fused: logit[target] − logsumexp(logits), computed in tiles of rows by an
+  autograd function that recomputes each tile in backward instead of storing the `(N, vocab)`
+  logits (the memory a large vocabulary would otherwise take).
+
+Models that cannot take a custom 4D mask (attention other than sdpa / eager, sliding windows)
+are run right-padded instead (a real token attends only to real tokens before it and keeps the
+position it has alone), split into a few forward passes of similar lengths (`length_groups`);
+models whose head does more than a linear projection (logit soft-capping, logit scaling) go
+through the model's own forward with `logits_to_keep`. All paths give the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rlhf.serving.batcher import length_groups
+
+__all__ = [
+    "SequenceBatch",
+    "SequenceLogprobs",
+    "make_batch",
+    "PackedBatch",
+    "pack_sequences",
+    "completion_logprobs",
+    "fused_token_logprobs",
+]
+
+#: Rows of hidden states projected through the LM head at a time (logits of one tile: rows × V).
+_HEAD_TILE_ROWS = 2048
+#: Default fixed cost of one forward pass, in tokens, for splitting a batch by length.
+DEFAULT_FORWARD_COST_TOKENS = 128
+#: Default packed row width in tokens (widened for longer sequences; see `completion_logprobs`).
+DEFAULT_PACK_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """Right-padded rows and the index of every completion token, ready for one forward pass."""
+
+    input_ids: torch.Tensor  # (R, T) long, pad after the real tokens
+    attention_mask: torch.Tensor  # (R, T) long, 1 on real tokens
+    rows: torch.Tensor  # (N,) long: the row of each completion token
+    pos: torch.Tensor  # (N,) long: position whose hidden state predicts it (its position − 1)
+    targets: torch.Tensor  # (N,) long: the completion token itself
+    completion_len: torch.Tensor  # (R,) long: completion tokens of each row
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class SequenceLogprobs:
+    """Per-row sums `(R,)` (float64, graph attached when grad is on), token counts `(R,)`, and the
+    per-token values `(N,)` in row order (row 0's tokens first)."""
+
+    sums: torch.Tensor  # (R,) float64
+    counts: torch.Tensor  # (R,) long
+    tokens: torch.Tensor  # (N,)
+
+    def per_row(self) -> list[list[float]]:
+        """The per-token values split by row (plain floats)."""
+        values = self.tokens.detach().cpu().tolist()
+        out, k = [], 0
+        for n in self.counts.tolist():
+            out.append(values[k : k + n])
+            k += n
+        return out
+
+
+def make_batch(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> SequenceBatch:
+    """Right-pad `(prompt_ids, completion_ids)` rows into one batch.
+
+    Every prompt needs at least one token (the first completion token is predicted from the
+    last prompt token) and every completion at least one; raises `ValueError` otherwise.
+    """
+    if not sequences:
+        raise ValueError("no sequences")
+    lengths = []
+    for i, (prompt, completion) in enumerate(sequences):
+        if len(prompt) < 1 or len(completion) < 1:
+            raise ValueError(f"sequence {i}: prompt and completion need at least one token each")
+        lengths.append(len(prompt) + len(completion))
+    width = max(lengths)
+    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    rows, pos, comp_len = [], [], []
+    for r, (prompt, completion) in enumerate(sequences):
+        p, n = len(prompt), len(prompt) + len(completion)
+        ids[r, :n] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        mask[r, :n] = 1
+        rows.extend([r] * (n - p))
+        pos.extend(range(p - 1, n - 1))
+        comp_len.append(n - p)
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    pos_t = torch.tensor(pos, dtype=torch.long)
+    return SequenceBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        rows=rows_t,
+        pos=pos_t,
+        targets=ids[rows_t, pos_t + 1],
+        completion_len=torch.tensor(comp_len, dtype=torch.long),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused LM head + log-softmax + gather
+# ------------------------------------------------------------------------------------------------
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)[target] per row, tile by tile; backward recomputes each tile.
+
+    Saves only the inputs: memory is O(N·H + tile·V) instead of O(N·V).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tile):  # hidden (N, H), weight (V, H)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], tile):
+            logits = _tile_logits(hidden[s : s + tile], weight, bias)  # (n, V) fp32
+            picked = logits.gather(-1, targets[s : s + tile, None])[:, 0]
+            out[s : s + tile] = picked - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.tile = tile
+        return out  # (N,)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N,)
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if need_b and bias is not None
+            else None
+        )
+        for s in range(0, hidden.shape[0], ctx.tile):
+            h = hidden[s : s + ctx.tile]
+            logits = _tile_logits(h, weight, bias)  # (n, V)
+            # d/dlogits of (logit[t] − logsumexp) = onehot(t) − softmax
+            d = torch.softmax(logits, dim=-1).neg_()
+            d.scatter_add_(-1, targets[s : s + ctx.tile, None], torch.ones_like(d[:, :1]))
+            d.mul_(grad_out[s : s + ctx.tile, None].float())  # (n, V)
+            if need_h:
+                grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
+            if need_w:
+                grad_w.addmm_(d.t(), h.float())  # (V, H)
+            if grad_b is not None:
+                grad_b += d.sum(0)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = h.float() @ weight.float().t()  # (n, V) fp32
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits
+
+
+def fused_token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    *,
+    tile: int = _HEAD_TILE_ROWS,
+) -> torch.Tensor:
+    """log softmax(head(hidden))[targets] per row, `(N,)` fp32, never holding `(N, V)` logits."""
+    return _FusedTokenLogprobs.apply(hidden, head.weight, head.bias, targets, tile)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward passes
+# ------------------------------------------------------------------------------------------------
+
+
+def _simple_head(model) -> torch.nn.Linear | None:
+    """The LM head when logits are exactly `head(hidden)` (no soft-capping / scaling)."""
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                 "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+        return None
+    return head
+
+
+def _packable(model) -> bool:
+    """Whether the model takes a custom 4D mask with per-token positions (sdpa / eager
+    attention, no sliding window): the packed path's requirement."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return False
+    if getattr(cfg, "use_sliding_window", False):
+        return False
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One forward pass over packed rows."""
+
+    input_ids: torch.Tensor  # (R, W) long
+    position_ids: torch.Tensor  # (R, W) long: each segment's own positions
+    mask: torch.Tensor  # (R, 1, W, W) bool: True where query i may attend key j
+    src: torch.Tensor  # (N,) long: flat index (r·W + t) of the hidden state predicting each token
+    targets: torch.Tensor  # (N,) long
+
+
+def pack_sequences(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    width: int,
+    pad_id: int,
+    share_prompts: bool = True,
+) -> tuple[PackedBatch, torch.Tensor]:
+    """Pack rows into `(R, width)` with a block mask; returns the pack and per-row counts `(S,)`.
+
+    Sequences with the same prompt (token for token) become one unit, [prompt, completion₁,
+    completion₂, …], in which each completion attends to the prompt and to itself only and
+    takes the positions it would have right after the prompt: the prompt is computed once for
+    all of them (DPO's chosen and rejected; PPO's n samples per prompt). Units go into rows
+    first-fit by decreasing length (a unit longer than `width` is split into several, each with
+    its own copy of the prompt); pads attend only to themselves. The `src`/`targets` order is
+    the sequences' order, each completion's tokens in order.
+    """
+    units: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, [sequence index ...])
+    by_prompt: dict[tuple[int, ...], int] = {}
+    for i, (prompt, completion) in enumerate(sequences):
+        if len(prompt) < 1 or len(completion) < 1:
+            raise ValueError(f"sequence {i}: prompt and completion need at least one token each")
+        if len(prompt) + len(completion) > width:
+            n = len(prompt) + len(completion)
+            raise ValueError(f"sequence {i} is longer ({n}) than the pack width {width}")
+        key = tuple(prompt)
+        u = by_prompt.get(key) if share_prompts else None
+        if u is not None and _unit_len(units[u], sequences) + len(completion) <= width:
+            units[u][1].append(i)
+            continue
+        by_prompt[key] = len(units)
+        units.append((key, [i]))
+    lengths = [_unit_len(u, sequences) for u in units]
+    rows = _first_fit_decreasing(lengths, width)
+    # The rows are padded to the longest: with several rows, pack again as narrow as still fits
+    # in as many rows, so they come out about even and the padding at their ends is small.
+    target = -(-sum(lengths) // len(rows))  # ceil
+    narrow = max(max(lengths), target)
+    while len(rows) > 1 and narrow < max(sum(lengths[u] for u in row) for row in rows):
+        again = _first_fit_decreasing(lengths, narrow)
+        if len(again) <= len(rows):
+            rows = again
+            break
+        narrow += max(1, target // 16)
+    w = max(sum(lengths[u] for u in row) for row in rows)  # the longest row
+    R = len(rows)
+    ids = torch.full((R, w), int(pad_id), dtype=torch.long)
+    pos = torch.zeros((R, w), dtype=torch.long)
+    seg = torch.full((R, w), -1, dtype=torch.long)  # unit number within the row, -1 for pads
+    part = torch.zeros((R, w), dtype=torch.long)  # 0 = prompt, k = k-th completion of the unit
+    src_of: list[list[int]] = [[] for _ in sequences]
+    for r, row in enumerate(rows):
+        t = 0
+        for k, u in enumerate(row):
+            prompt, members = units[u]
+            p = len(prompt)
+            ids[r, t : t + p] = torch.tensor(prompt, dtype=torch.long)
+            pos[r, t : t + p] = torch.arange(p)
+            seg[r, t : t + p] = k
+            last_prompt = r * w + t + p - 1
+            t += p
+            for j, i in enumerate(members, start=1):
+                completion = sequences[i][1]
+                c = len(completion)
+                ids[r, t : t + c] = torch.tensor(list(completion), dtype=torch.long)
+                pos[r, t : t + c] = torch.arange(p, p + c)
+                seg[r, t : t + c] = k
+                part[r, t : t + c] = j
+                # token 0 is predicted from the prompt's last token, token k from completion[k-1]
+                src_of[i] = [last_prompt] + list(range(r * w + t, r * w + t + c - 1))
+                t += c
+    idx = torch.arange(w)
+    causal = idx[None, :] <= idx[:, None]  # (W, W): key j at or before query i
+    same_unit = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (R, W, W)
+    # the key is a prompt token, or a token of the query's own completion
+    visible_part = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    mask = causal[None] & same_unit & visible_part
+    mask |= torch.eye(w, dtype=torch.bool)[None] & (seg[:, :, None] < 0)  # pads see themselves
+    src = torch.tensor([x for lst in src_of for x in lst], dtype=torch.long)
+    targets = torch.tensor([t for _, c in sequences for t in c], dtype=torch.long)
+    packed = PackedBatch(ids, pos, mask[:, None], src, targets)
+    counts = torch.tensor([len(c) for _, c in sequences], dtype=torch.long)
+    return packed, counts
+
+
+def _first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Bins of total length ≤ `width` holding every item (longest first, each in the first bin
+    with room)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for u in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[u] <= room:
+                rows[r].append(u)
+                free[r] -= lengths[u]
+                break
+        else:
+            rows.append([u])
+            free.append(width - lengths[u])
+    return rows
+
+
+def _unit_len(unit, sequences) -> int:
+    return len(unit[0]) + sum(len(sequences[i][1]) for i in unit[1])
+
+
+def _forward_packed(model, packed: PackedBatch, head) -> torch.Tensor:
+    device = next(model.parameters()).device
+    mask = packed.mask.to(device)
+    if (getattr(model.config, "_attn_implementation", None) or "eager") == "eager":
+        dtype = next(model.parameters()).dtype
+        additive = torch.zeros(mask.shape, dtype=dtype, device=device)
+        mask = additive.masked_fill_(~mask, torch.finfo(dtype).min)
+    hidden = model.base_model(
+        input_ids=packed.input_ids.to(device), attention_mask=mask,
+        position_ids=packed.position_ids.to(device), use_cache=False,
+    ).last_hidden_state  # (R, W, H)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = packed.targets.to(device)
+    return fused_token_logprobs(flat[packed.src.to(device)], head, targets)  # (N,)
+
+
+def _forward_group(model, batch: SequenceBatch, head) -> torch.Tensor:
+    """Per-token log-probs `(N,)` of one right-padded batch."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    rows, pos = batch.rows.to(device), batch.pos.to(device)
+    targets = batch.targets.to(device)
+    if head is not None:
+        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = out.last_hidden_state
+        return fused_token_logprobs(hidden[rows, pos], head, targets)  # (N,)
+    # Generic path: the model's own head, logits only from the first position any row needs.
+    width = ids.shape[1]
+    first = int(batch.pos.min())
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                   logits_to_keep=width - first).logits
+    picked = logits[rows, pos - (width - logits.shape[1])].float()  # (N, V)
+    return picked.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(picked, dim=-1)
+
+
+def completion_logprobs(
+    model,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    pack: bool = True,
+    pack_width: int | None = None,
+    share_prompts: bool = True,
+    forward_cost_tokens: int | None = DEFAULT_FORWARD_COST_TOKENS,
+) -> SequenceLogprobs:
+    """log π of every completion token of every `(prompt_ids, completion_ids)` row.
+
+    Gradients flow when grad mode is on (the trainer's policy); wrap the call in
+    `torch.inference_mode()` for a frozen reference. Results come back in the order given.
+
+    Packed (the default, where the model allows it: a plain linear head, sdpa or eager
+    attention, no sliding window): sequences go into rows of `pack_width` tokens (default
+    `DEFAULT_PACK_WIDTH`, widened to the longest sequence and to a prompt with two of its
+    completions) with a block mask, and sequences with the same prompt share one copy of it
+    (`share_prompts`); only each packed row's tail is padding. Otherwise (or `pack=False`) rows
+    are right-padded and grouped by length into a few forward passes (`forward_cost_tokens`:
+    fixed cost of one pass in tokens; None: one pass).
+    """
+    if not sequences:
+        raise ValueError("no sequences")
+    head = _simple_head(model)
+    counts = torch.tensor([len(c) for _, c in sequences], dtype=torch.long)
+    if pack and head is not None and _packable(model):
+        longest = max(len(p) + len(c) for p, c in sequences)
+        unit: dict[tuple[int, ...], int] = {}  # prompt → prompt + all its completions
+        for p, c in sequences:
+            unit[tuple(p)] = unit.get(tuple(p), len(p)) + len(c)
+        # wide enough for the longest row and for a prompt with two completions (a DPO pair)
+        width = max(pack_width or DEFAULT_PACK_WIDTH, longest,
+                    min(max(unit.values()), 2 * longest) if share_prompts else longest)
+        packed, _ = pack_sequences(sequences, width=width, pad_id=pad_id,
+                                   share_prompts=share_prompts)
+        tokens = _forward_packed(model, packed, head)  # (N,) in row order
+    else:
+        lengths = [len(p) + len(c) for p, c in sequences]
+        if forward_cost_tokens is None:
+            groups = [list(range(len(sequences)))]
+        else:
+            groups = length_groups(lengths, forward_cost_tokens=forward_cost_tokens)
+        parts: list[torch.Tensor | None] = [None] * len(sequences)  # per-row token values
+        for group in groups:
+            batch = make_batch([sequences[i] for i in group], pad_id)
+            lp = _forward_group(model, batch, head)  # (n,)
+            for r, values in zip(group, torch.split(lp, batch.completion_len.tolist())):
+                parts[r] = values
+        tokens = torch.cat(parts)  # (N,) in row order
+    row_of = torch.repeat_interleave(torch.arange(len(sequences)), counts).to(tokens.device)
+    sums = torch.zeros(len(sequences), dtype=torch.float64, device=tokens.device).index_add(
+        0, row_of, tokens.double()
+    )  # (R,) accumulated in float64
+    return SequenceLogprobs(sums=sums, counts=counts, tokens=tokens)
