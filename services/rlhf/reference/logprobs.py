@@ -21,8 +21,6 @@ and swaps by one assignment on the loop.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import inspect
 import logging
 import math
@@ -31,9 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 from rlhf.config import Settings
-from rlhf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from rlhf.errors import InvalidArgument, ResourceExhausted, ServiceError
 from rlhf.models.info import ModelInfo, ModelRef
-from rlhf.serving.batcher import BatchLimits, MicroBatcher, calibrate_forward_cost, length_groups
+from rlhf.serving.batched_model import BatchedModel, run_candidate
+from rlhf.serving.batcher import calibrate_forward_cost, length_groups
 
 log = logging.getLogger(__name__)
 
@@ -173,76 +172,25 @@ def _forward(loaded: _Loaded, items: list[_Item]) -> list[LogProbsResult | BaseE
 # ------------------------------------------------------------------------------------------------
 
 
-class ReferenceModel:
+class ReferenceModel(BatchedModel):
     """The frozen reference model behind ReferenceService: `logprobs`, hot swap.
 
-    Public API: `info`, `start()`, `logprobs(items)`, `load_version(dir, ref)`, `health()`,
-    `close()`, and `batcher` (for metrics and tests).
+    Public API: `info`, `start()`, `logprobs(items)`, `load_version(dir, ref, check)`, `health()`,
+    `close()`, and `batcher` (for metrics and tests). The probe runner `check` gets is
+    `await logprobs([[prompt_ids, completion_ids], ...]) -> [[logprob]]` on the new weights.
     """
 
+    label = SERVICE_LABEL
+
     def __init__(self, settings: Settings, model_dir, ref: ModelRef):
-        self._settings = settings
-        self._model_dir = Path(model_dir)
-        self._initial_ref = ref
-        self._current: _Loaded | None = None
-        self._swap_lock: asyncio.Lock | None = None
-        self.batcher: MicroBatcher[_Item, LogProbsResult] = MicroBatcher(
-            SERVICE_LABEL,
-            logprobs_batch,
-            BatchLimits.from_settings(settings),
-            cost=lambda it: len(it.ids),
-            key=lambda it: it.loaded,
-        )
+        super().__init__(settings, model_dir, ref, logprobs_batch)
 
-    @property
-    def info(self) -> ModelInfo:
-        return self._loaded().info
+    def _candidate(self, loaded: _Loaded):
+        async def run(items) -> list[list[float]]:
+            batch = [_Item(loaded, len(p), tuple(p) + tuple(c)) for p, c in items]
+            return [x.logprobs for x in await run_candidate(logprobs_batch, batch)]
 
-    def health(self) -> bool:
-        return self._current is not None and self.batcher.running
-
-    async def start(self) -> None:
-        if self._current is not None:
-            return
-        self._swap_lock = asyncio.Lock()
-        self._current = await asyncio.to_thread(self._load_and_warm, self._model_dir, self._initial_ref)
-        await self.batcher.start()
-        log.info("reference model serving %s/%s", self._current.ref.name, self._current.ref.version)
-
-    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
-        """Load `model_dir` beside the serving model and warm it up; let `check(logprobs)` verify
-        it (golden probes: `await logprobs([[prompt_ids, completion_ids], ...]) -> [[logprob]]` on
-        the new weights; raising refuses the version); then serve new requests on it. On any
-        failure the serving model stays, unchanged."""
-        if not self.health():
-            raise Unavailable("the reference service is not serving")
-        async with self._swap_lock:
-            try:
-                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
-            except Exception as exc:
-                log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
-                raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
-            if check is not None:
-                await check(functools.partial(self._candidate_logprobs, loaded))
-            if not self.health():
-                raise Unavailable("the reference service closed while loading")
-            old, self._current = self._current, loaded
-            log.info("reference model swapped %s/%s -> %s/%s", old.ref.name, old.ref.version,
-                     ref.name, ref.version)
-
-    @staticmethod
-    async def _candidate_logprobs(loaded: _Loaded, items) -> list[list[float]]:
-        """Log-probs of (prompt_ids, completion_ids) items on weights that are not serving yet."""
-        batch = [_Item(loaded, len(p), tuple(p) + tuple(c)) for p, c in items]
-        out = await asyncio.to_thread(logprobs_batch, batch)
-        for x in out:
-            if isinstance(x, BaseException):
-                raise x
-        return [x.logprobs for x in out]
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        self._current = None
+        return run
 
     async def logprobs(self, items: Sequence[LogProbsItemInput]) -> tuple[list[LogProbsResult], ModelRef]:
         """One result per item, in order, and the version that produced them."""
@@ -255,12 +203,6 @@ class ReferenceModel:
         batch = [self._item(loaded, i, it) for i, it in enumerate(items)]
         results = await self.batcher.submit(batch)
         return results, loaded.ref
-
-    def _loaded(self) -> _Loaded:
-        current = self._current
-        if current is None:
-            raise Unavailable("the reference model is not loaded")
-        return current
 
     @staticmethod
     def _item(loaded: _Loaded, i: int, item: LogProbsItemInput) -> _Item:

@@ -19,8 +19,6 @@ already queued finish on the model they were pinned to.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -28,9 +26,10 @@ from pathlib import Path
 from typing import Sequence
 
 from rlhf.config import Settings
-from rlhf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from rlhf.errors import InvalidArgument, ResourceExhausted, ServiceError
 from rlhf.models.info import ModelInfo, ModelRef
-from rlhf.serving.batcher import BatchLimits, MicroBatcher, calibrate_forward_cost, length_groups
+from rlhf.serving.batched_model import BatchedModel, run_candidate
+from rlhf.serving.batcher import calibrate_forward_cost, length_groups
 
 log = logging.getLogger(__name__)
 
@@ -176,81 +175,29 @@ def _forward(seqs: list[tuple[int, ...]], loaded: _Loaded) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-class RewardScorer:
+class RewardScorer(BatchedModel):
     """The reward model behind RewardService: `score`, `compare`, hot swap.
 
     Public API: `info`, `tokenizer`, `start()`, `score(items)`, `compare(input)`,
-    `load_version(dir, ref)`, `health()`, `close()`, and `batcher` (for metrics and tests).
+    `load_version(dir, ref, check)`, `health()`, `close()`, and `batcher` (for metrics and
+    tests). The probe runner `check` gets is `await score([[prompt_ids, response_ids], ...]) ->
+    [reward]` on the new weights.
     """
 
-    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
-        self._settings = settings
-        self._model_dir = Path(model_dir)
-        self._initial_ref = ref
-        self._current: _Loaded | None = None
-        self._swap_lock: asyncio.Lock | None = None
-        self.batcher: MicroBatcher[_Item, float] = MicroBatcher(
-            SERVICE_LABEL,
-            score_batch,
-            BatchLimits.from_settings(settings),
-            cost=lambda it: len(it.ids),
-            key=lambda it: it.loaded,
-        )
+    label = SERVICE_LABEL
 
-    # -------------------------------------------------------------- lifecycle
-    @property
-    def info(self) -> ModelInfo:
-        return self._loaded().info
+    def __init__(self, settings: Settings, model_dir, ref: ModelRef):
+        super().__init__(settings, model_dir, ref, score_batch)
 
     @property
     def tokenizer(self):
         return self._loaded().tokenizer
 
-    def health(self) -> bool:
-        return self._current is not None and self.batcher.running
+    def _candidate(self, loaded: _Loaded):
+        async def run(items) -> list[float]:
+            return await run_candidate(score_batch, [_Item(loaded, tuple(p) + tuple(r)) for p, r in items])
 
-    async def start(self) -> None:
-        if self._current is not None:
-            return
-        self._swap_lock = asyncio.Lock()
-        self._current = await asyncio.to_thread(self._load_and_warm, self._model_dir, self._initial_ref)
-        await self.batcher.start()
-        log.info("reward scorer serving %s/%s", self._current.ref.name, self._current.ref.version)
-
-    async def load_version(self, model_dir, ref: ModelRef, check=None) -> None:
-        """Load `model_dir` beside the serving model and warm it up; let `check(score)` verify it
-        (golden probes: `await score([[prompt_ids, response_ids], ...]) -> [reward]` on the new
-        weights; raising refuses the version); then serve new requests on it. On any failure
-        the serving model stays, unchanged."""
-        if not self.health():
-            raise Unavailable("the reward service is not serving")
-        async with self._swap_lock:
-            try:
-                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
-            except Exception as exc:
-                log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
-                raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
-            if check is not None:
-                await check(functools.partial(self._candidate_scores, loaded))
-            if not self.health():
-                raise Unavailable("the reward service closed while loading")
-            old, self._current = self._current, loaded  # the swap: one assignment on the loop
-            log.info("reward scorer swapped %s/%s -> %s/%s", old.ref.name, old.ref.version,
-                     ref.name, ref.version)
-
-    @staticmethod
-    async def _candidate_scores(loaded: _Loaded, items) -> list[float]:
-        """Rewards of (prompt_ids, response_ids) pairs on weights that are not serving yet."""
-        batch = [_Item(loaded, tuple(p) + tuple(r)) for p, r in items]
-        out = await asyncio.to_thread(score_batch, batch)
-        for x in out:
-            if isinstance(x, BaseException):
-                raise x
-        return out
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        self._current = None
+        return run
 
     # -------------------------------------------------------------- requests
     async def score(self, items: Sequence[ScoreItemInput]) -> tuple[list[float], ModelRef]:
@@ -288,12 +235,6 @@ class RewardScorer:
         return CompareResult(sigmoid(ra - rb), ra, rb, loaded.ref)
 
     # -------------------------------------------------------------- validation
-    def _loaded(self) -> _Loaded:
-        current = self._current
-        if current is None:
-            raise Unavailable("the reward model is not loaded")
-        return current
-
     def _item_ids(self, loaded: _Loaded, path: str, item: ScoreItemInput) -> tuple[int, ...]:
         if item.response_ids is not None or item.prompt_ids is not None:
             return self._token_ids(loaded, f"{path}.tokens", item.prompt_ids or (), item.response_ids or (),
