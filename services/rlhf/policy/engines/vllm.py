@@ -36,9 +36,11 @@ How the contract of `base.py` is kept:
   exact (`inplace_reload_is_exact`): new calls wait at a gate while the calls in flight finish
   on the old weights, then `pause_generation(mode="wait")`,
   `collective_rpc("reload_weights", weights_path=...)`, `reset_prefix_cache()`,
-  `resume_generation()`. Where it is not (tied embeddings on vLLM's CPU build, see that
-  function), a new engine is started beside the old one and made current once warm; the old
-  one stops when its last call is done.
+  `resume_generation()`; the swapper's golden probes (`check`) run on the reloaded weights
+  before the gate opens, and a refused or failed version is reloaded away again. Where in-place
+  is not exact (tied embeddings on vLLM's CPU build, see that function), a new engine is
+  started beside the old one, warmed up, checked and made current; the old one stops when its
+  last call is done.
 
 Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
 reads or writes environment variables. On CPU the KV-cache space is the engine arg
@@ -326,7 +328,8 @@ class VLLMEngine:
         self._eos = _eos_ids(model_dir, self._tokenizer)
         self._current = await self._load(model_dir, ref)
         self._serving = True
-        log.info("vllm engine serving %s/%s (max_model_len %d)", ref.name, ref.version, self._current.info.max_context)
+        log.info("vllm engine serving %s/%s (context %d)", ref.name, ref.version,
+                 self._current.info.max_context)
 
     async def _load(self, model_dir: Path, ref: ModelRef) -> _Loaded:
         """Start an AsyncLLM on `model_dir` and warm it up (the caller makes it current)."""
@@ -370,12 +373,15 @@ class VLLMEngine:
         specs = [SampleSpec(0, 0, prompt, None), SampleSpec(0, 1, prompt, 1)]
         for config in (
             SamplingConfig(max_new_tokens=2, temperature=0.0),
-            SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=5, return_logprobs=True, stop=("\x00",)),
+            SamplingConfig(max_new_tokens=2, temperature=1.0, top_k=5, return_logprobs=True,
+                           stop=("\x00",)),
         ):
             async for _ in self._run(self._submit(loaded, specs, config)):
                 pass
 
-    async def generate(self, samples: Sequence[SampleSpec], params: SamplingConfig) -> AsyncIterator[SampleDelta]:
+    async def generate(
+        self, samples: Sequence[SampleSpec], params: SamplingConfig
+    ) -> AsyncIterator[SampleDelta]:
         """Deltas of every sample as vLLM produces them; see `base.py` for the contract.
 
         Closing the iterator early (or cancelling the consuming task) aborts the samples not
@@ -431,8 +437,8 @@ class VLLMEngine:
                 await self._swap_in_place(current, model_dir, ref, check)
             else:
                 await self._swap_new_engine(current, model_dir, ref, check)
-            log.info("vllm engine swapped %s/%s -> %s/%s (%s)", current.ref.name, current.ref.version, ref.name,
-                     ref.version, "in place" if inplace else "new engine")
+            log.info("vllm engine swapped %s/%s -> %s/%s (%s)", current.ref.name, current.ref.version,
+                     ref.name, ref.version, "in place" if inplace else "new engine")
 
     async def _swap_in_place(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
         old_dir = current.model_dir
@@ -444,13 +450,13 @@ class VLLMEngine:
                 await self._reload(current, model_dir)
             except Exception as exc:
                 log.warning("in-place reload of %s/%s failed: %s", ref.name, ref.version, exc)
-                await self._restore(current, old_dir, exc)
+                await self._restore(current, old_dir)
                 raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
             if check is not None:
                 try:
                     await check(functools.partial(self._greedy, current))
-                except BaseException as exc:
-                    await self._restore(current, old_dir, exc)
+                except BaseException:
+                    await self._restore(current, old_dir)
                     raise
             current.ref, current.model_dir = ref, model_dir
             current.info = replace(current.info, ref=ref)
@@ -467,7 +473,7 @@ class VLLMEngine:
         finally:
             await llm.resume_generation()
 
-    async def _restore(self, loaded: _Loaded, old_dir: Path, cause: BaseException) -> None:
+    async def _restore(self, loaded: _Loaded, old_dir: Path) -> None:
         """Reload the old weights after a failed or refused swap; unhealthy if even that fails."""
         try:
             await self._reload(loaded, old_dir)
@@ -495,7 +501,9 @@ class VLLMEngine:
         self._current = loaded  # the swap: calls from now on run on the new engine
         self._retire(current)
 
-    async def _greedy(self, loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    async def _greedy(
+        self, loaded: _Loaded, prompts, max_new_tokens: int
+    ) -> list[tuple[list[int], list[float]]]:
         """Greedy (token ids, log-probs) of each prompt on `loaded`, serving or not (probes)."""
         specs = [SampleSpec(i, 0, tuple(p), None) for i, p in enumerate(prompts)]
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, return_logprobs=True)
@@ -556,7 +564,8 @@ class VLLMEngine:
             sp = sampling_params(spec, params, max_model_len=info.max_context, vocab_size=info.vocab_size,
                                  engine_stops=engine_stops)
             prompt = tokens_input(list(spec.prompt_ids))
-            call.tasks[rid] = asyncio.create_task(self._pump(call, rid, spec, prompt, sp, own_stops), name=f"vllm-{rid}")
+            pump = self._pump(call, rid, spec, prompt, sp, own_stops)
+            call.tasks[rid] = asyncio.create_task(pump, name=f"vllm-{rid}")
         return call
 
     async def _run(self, call: _Call) -> AsyncIterator[SampleDelta]:
@@ -588,34 +597,38 @@ class VLLMEngine:
                 abort.add_done_callback(self._background.discard)
 
     # -------------------------------------------------------------- one sample
-    async def _pump(self, call: _Call, rid: str, spec: SampleSpec, prompt, sp, own_stops: tuple[str, ...]):
+    async def _pump(self, call: _Call, rid: str, spec: SampleSpec, prompt, sp,
+                    own_stops: tuple[str, ...]) -> None:
         """Turn one vLLM request's outputs into `SampleDelta`s on the call's queue."""
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         llm, ref = call.loaded.llm, call.loaded.ref
-
-        tokens: list[int] = []  # only kept when this engine checks stop strings itself
+        tokens: list[int] = []  # the completion so far, kept when the request has stop strings
         last: int | None = None  # the last token so far
         try:
             async with contextlib.aclosing(llm.generate(prompt, sp, rid)) as outputs:
                 async for out in outputs:
                     o = out.outputs[0]
                     ids = list(o.token_ids)
-                    lps = [lp[t].logprob for t, lp in zip(ids, o.logprobs)] if o.logprobs is not None else []
+                    lps = [] if o.logprobs is None else [lp[t].logprob for t, lp in zip(ids, o.logprobs)]
                     last = ids[-1] if ids else last
                     finish = self._finish(o.finish_reason, last)
-                    if own_stops and finish in (None, Finish.LENGTH):  # stop strings before LENGTH
+                    if own_stops and finish is not Finish.ABORT:
+                        # a stop string ends the sample at the token completing it; on the last
+                        # token an eos / stop id comes first (as in hf.py), LENGTH after it
                         cut = self._own_stop(tokens, ids, own_stops)
-                        if cut is not None:
+                        if cut is not None and (cut < len(ids) or finish in (None, Finish.LENGTH)):
                             ids, lps, finish = ids[:cut], lps[:cut], Finish.STOP
-                    call.queue.put_nowait(SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, finish, ref))
+                    delta = SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, finish, ref)
+                    call.queue.put_nowait(delta)
                     if finish is not None:
                         if not out.finished:  # stopped here, not in the engine: abort it there
                             await llm.abort(rid)
                         return
             # the stream ended without a finish reason: report the sample aborted
-            call.queue.put_nowait(SampleDelta(spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref))
+            aborted = SampleDelta(spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref)
+            call.queue.put_nowait(aborted)
         except asyncio.CancelledError:
             raise
         except EngineDeadError as exc:
@@ -650,7 +663,9 @@ class VLLMEngine:
         """
         for k, t in enumerate(ids):
             tokens.append(t)
-            text = self._tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = self._tokenizer.decode(
+                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
             if any(s in text for s in stops):
                 return k + 1
         return None
