@@ -200,13 +200,18 @@ def test_metrics_counters_move(client, policy_server):
         m = re.search(pat, text)
         return float(m.group(1)) if m else 0.0
 
-    ok0, bad0 = count("OK"), count("INVALID_ARGUMENT")
-    client.generate(PROMPTS[:1], GREEDY)
+    def tokens() -> float:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        m = re.search(r'rlhf_generated_tokens_total{service="policy"} ([0-9.e+]+)', text)
+        return float(m.group(1)) if m else 0.0
+
+    ok0, bad0, tok0 = count("OK"), count("INVALID_ARGUMENT"), tokens()
+    res = client.generate(PROMPTS[:1], GREEDY)
     status_of(client.generate, [])
     assert count("OK") == ok0 + 1 and count("INVALID_ARGUMENT") == bad0 + 1
+    assert tokens() == tok0 + len(res.completions[0].token_ids)
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert "rlhf_rpc_latency_seconds_bucket" in text and "rlhf_active_model{" in text
-    assert "rlhf_generated_tokens_total" in text
 
 
 def test_load_version_needs_admin_token_and_unknown_version_is_not_found(policy_target):

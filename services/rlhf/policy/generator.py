@@ -25,6 +25,7 @@ from rlhf.policy.types import (
     StreamChunk,
     sample_seed,
 )
+from rlhf.serving.metrics import GENERATED_TOKENS
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Generator:
         ref = self.engine.info.ref
         async for delta in self.engine.generate(specs, config):
             ref = delta.ref or ref
+            GENERATED_TOKENS.labels("policy").inc(len(delta.token_ids))
             self._absorb(states[(delta.prompt_index, delta.sample_index)], delta, config)
         out = []
         for (i, j), st in sorted(states.items()):
@@ -211,6 +213,7 @@ class Generator:
         hold = max((len(s) for s in config.stop), default=1) - 1
         async for delta in self.engine.generate(specs, config):
             ref = delta.ref or ref
+            GENERATED_TOKENS.labels("policy").inc(len(delta.token_ids))
             st = states[(delta.prompt_index, delta.sample_index)]
             reset = self._absorb(st, delta, config)
             chunk = self._chunk(st, delta, reset, hold, config)
