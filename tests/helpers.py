@@ -5,6 +5,14 @@ from __future__ import annotations
 import contextlib
 
 ADMIN_TOKEN = "test-admin-token"
+# A small vLLM CPU engine for tests: short context, 1 GiB of KV cache, no compilation.
+VLLM_SETTINGS = dict(
+    backend="vllm",
+    vllm_max_model_len=512,
+    vllm_kv_cache_space_gb=1.0,
+    vllm_enforce_eager=True,
+    vllm_max_num_seqs=64,
+)
 
 
 def make_settings(**overrides):

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ADMIN_TOKEN, ThreadedApp, make_settings
+from helpers import ADMIN_TOKEN, VLLM_SETTINGS, ThreadedApp, make_settings
 
 from rlhf_client import AsyncPolicyClient, PolicyClient, RewardClient, RpcError, SamplingParams
 from rlhf_client.registry import Registry
@@ -86,13 +86,16 @@ def policy_versions(tmp_path_factory, registry):
     return dict(name=name, store=store, versions=versions, dirs=dirs, expected=expected)
 
 
-@pytest.fixture(scope="module")
-def following_policy(policy_versions):
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def following_policy(request, policy_versions, registry):
+    """The policy service on each backend, following the model name (in-place vLLM reloads)."""
     from rlhf.policy.app import make_policy_app
 
     pv = policy_versions
+    registry.activate(pv["name"], pv["versions"][0])
+    extra = VLLM_SETTINGS if request.param == "vllm" else {}
     settings = make_settings(model_name=pv["name"], store_dir=pv["store"], redis_url=REDIS_URL, swap_poll_s=0.5,
-                             batch_max_wait_ms=2)
+                             batch_max_wait_ms=2, **extra)
     with ThreadedApp(make_policy_app(settings)) as served:
         yield served
 
@@ -200,7 +203,7 @@ def _bad_versions(store: Path, name: str, good_src: Path, registry: Registry) ->
     rewrite_manifest(d)
     bad["pickle .bin instead of safetensors"] = d.name
 
-    half = store / name / "v9000"
+    half = store / name / f"half-{uuid.uuid4().hex[:6]}"
     shutil.copytree(good_src, half)  # no manifest: a half-written directory
     registry.register(name, half.name)
     bad["half-written directory"] = half.name

@@ -24,7 +24,7 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from bad_inputs import bad_generate_inputs  # noqa: E402
-from helpers import ADMIN_TOKEN, ThreadedApp, make_settings, status_of, teacher_forced_logprobs  # noqa: E402
+from helpers import ADMIN_TOKEN, VLLM_SETTINGS, ThreadedApp, make_settings, status_of, teacher_forced_logprobs  # noqa: E402
 
 from rlhf_client import (  # noqa: E402
     AsyncPolicyClient,
@@ -48,13 +48,6 @@ PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=32, return_logprobs=True)
 TOL = 1e-3
-VLLM_SETTINGS = dict(
-    backend="vllm",
-    vllm_max_model_len=512,
-    vllm_kv_cache_space_gb=1.0,
-    vllm_enforce_eager=True,
-    vllm_max_num_seqs=64,
-)
 
 
 def _comparable(completions):
