@@ -249,7 +249,7 @@ def test_an_online_job_trains_on_pushed_pairs_once_and_commits_them(r, names, tm
     for p in task_pairs(3, seed=8, prefix="dup"):
         producer.push_pair(stream=stream, id=applied[0], prompt=p["prompt"], chosen=p["chosen"],
                            rejected=p["rejected"])
-    time.sleep(1.2)
+    time.sleep(settings.queue_claim_idle_ms / 1000 + 0.2)  # the leftovers must be idle to be reclaimed
     job2, out2 = run(names, settings, source=source, max_steps=2, batch_size=8, eval_fraction=0)
     assert out2.status == "succeeded" and out2.version == "v0003", out2
     m2 = ModelStore(settings.store_dir).manifest(names["model"], "v0003")
