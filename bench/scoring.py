@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             runs.append(run)
 
-    print(f"\n| service | batching | max batch | requests | req/s | p50 ms | p99 ms | items/forward |")
+    print("\n| service | batching | max batch | requests | req/s | p50 ms | p99 ms | items/forward |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         print(f"| {r.service} | {'on' if r.batching else 'off'} | {args.callers if r.batching else 1} | "

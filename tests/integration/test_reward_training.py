@@ -177,13 +177,14 @@ def test_stream_job_commits_what_it_used_and_never_reapplies_it(r, names, settin
 
 def test_a_retry_after_publish_finishes_that_version_instead_of_training_again(
         r, names, settings, tiny_reward_dir, monkeypatch):
+    import rlhf.trainer.pipeline as pipeline
     import rlhf.trainer.reward_model as rm
     from rlhf.trainer.jobs import TransientError
 
     rb = redis.Redis.from_url(REDIS_URL)
     pushed = QueueProducer(rb).push_many(synthetic_messages(20, seed=4, prefix=unique("c")),
                                          stream=names["stream"])
-    real_finish, calls = rm._finish, []
+    real_finish, calls = pipeline.finish, []
 
     def crash_once(*args, **kwargs):  # the worker dies between the store rename and the acks
         calls.append(1)
@@ -191,7 +192,7 @@ def test_a_retry_after_publish_finishes_that_version_instead_of_training_again(
             raise TransientError("simulated crash after publish")
         return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(rm, "_finish", crash_once)
+    monkeypatch.setattr(pipeline, "finish", crash_once)
     trained = []
     real_train = rm.train_reward_model
     monkeypatch.setattr(rm, "train_reward_model", lambda *a, **k: trained.append(1) or real_train(*a, **k))

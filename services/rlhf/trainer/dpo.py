@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_TYPE = "dpo"
+METRIC_KEYS = ("eval_accuracy", "eval_loss", "eval_margin")
 
 __all__ = [
     "DPOJob",
@@ -585,57 +586,14 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
     Safe to run again after a crash: a version this job already published is finished off, not
     trained again; stream entries are acked only after the version is committed.
     """
-    from rlhf_client.registry import Registry
-
-    from rlhf.models.probes import compute_probes
-    from rlhf.models.store import ModelStore
     from rlhf.serving.metrics import TRAIN_METRIC
-    from rlhf.trainer.data import (
-        DataError,
-        check_preference_payload,
-        pairs_from_payload,
-        read_jsonl,
-        split_by_source,
-    )
-    from rlhf.trainer.jobs import TransientError
-    from rlhf.trainer.publish import find_job_version, publish_version, resolve_base
-    from rlhf.trainer.queues import StreamConsumer
+    from rlhf.trainer.jobs import JobResult
+    from rlhf.trainer.pipeline import publish_and_finish, read_inputs
 
+    got = read_inputs(spec, ctx, job_type=JOB_TYPE, metric_keys=METRIC_KEYS, stage={"stage": "reference"})
+    if isinstance(got, JobResult):
+        return got
     settings = ctx.settings
-    store = ModelStore(settings.store_dir)
-    registry = Registry(ctx.redis_text)
-    consumer = None
-    if spec.source.type == "stream":
-        consumer = StreamConsumer(
-            ctx.redis_bytes, spec.source.stream, spec.source.group, f"job-{spec.job_id}",
-            max_deliveries=settings.queue_max_deliveries,
-            claim_idle_ms=settings.queue_claim_idle_ms,
-            validate=check_preference_payload,
-        )
-    manifest = find_job_version(store, spec.model_name, spec.job_id)
-    if manifest is not None:  # an earlier attempt published and died before finishing
-        log.info("job %s: version %s already published; finishing it", spec.job_id,
-                 manifest.version)
-        return _finish(spec, ctx, registry, manifest, consumer)
-
-    base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
-                        base_version=spec.base_version)
-    entries = []
-    if consumer is not None:
-        entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
-        ctx.on_heartbeat(lambda: consumer.touch(entries))
-        consumer.update_metrics()
-        pairs = [p for e in entries for p in pairs_from_payload(e.payload)]
-        where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
-    else:
-        pairs = read_jsonl(spec.source.path)
-        where = spec.source.path
-    if len(pairs) < spec.min_pairs:
-        raise DataError(f"{where} gave {len(pairs)} usable pairs; the job needs at least "
-                        f"{spec.min_pairs}")
-    train, evals = split_by_source(pairs, spec.eval_fraction, seed=spec.seed)
-    ctx.progress(0.0, {"stage": "reference", "pairs": len(pairs), "train_pairs": len(train),
-                       "eval_pairs": len(evals)}, force=True)
 
     def on_step(step: int, total: int, m: dict[str, float]) -> None:
         ctx.progress(step / total, {"stage": "training", "step": step, "steps": total, **m})
@@ -645,62 +603,29 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
     token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
     reference = None
     if spec.needs_reference:
-        reference = make_reference(spec, base_dir=base.model_dir, store=store,
+        reference = make_reference(spec, base_dir=got.base.model_dir, store=got.store,
                                    device=settings.device, token=token)
     with tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
         try:
-            result = train_dpo(spec, train, base_dir=base.model_dir, out_dir=tmp, eval_pairs=evals,
-                               reference=reference, progress=on_step, check=ctx.check,
-                               device=settings.device, threads=settings.torch_threads)
+            result = train_dpo(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
+                               eval_pairs=got.evals, reference=reference, progress=on_step,
+                               check=ctx.check, device=settings.device, threads=settings.torch_threads)
         finally:
             if reference is not None:
                 reference.close()
         ctx.check()
-        if consumer is not None and not consumer.owns(entries):
-            raise TransientError("some stream entries were reclaimed by another consumer while "
-                                 "training (heartbeat missed); retrying on fresh reads")
         # Entries whose pairs no step reached stay pending for a later job (see StreamConsumer).
         unapplied = set(result.unapplied_ids)
         extra = {
             "job_type": JOB_TYPE,
             "source": spec.source.model_dump(),
-            "base": {"dir": str(base.model_dir), "version": base.version},
+            "base": {"dir": str(got.base.model_dir), "version": got.base.version},
             "applied_ids": result.applied_ids,
             "eval_ids": result.eval_ids,
             "unapplied_ids": result.unapplied_ids,
-            "stream_entries": [e.entry_id for e in entries if e.id not in unapplied],
+            "stream_entries": [e.entry_id for e in got.entries if e.id not in unapplied],
             "reference": result.reference,
             "spec": spec.model_dump(mode="json"),
         }
-        probes = compute_probes("policy", tmp)  # what a service checks before swapping to it
-        manifest = publish_version(store, registry, spec.model_name, tmp, parent=base.version,
-                                   job_id=spec.job_id, kind="policy", metrics=result.metrics,
-                                   extra=extra, probes=probes)
-    return _finish(spec, ctx, registry, manifest, consumer)
-
-
-def _finish(spec: DPOJob, ctx: "JobContext", registry, manifest, consumer) -> "JobResult":
-    """After the version is committed: register, ack its entries, activate if asked.
-
-    Acked: the entries of payloads trained on, held out, or without a usable pair; recorded as
-    applied (never read again): the ids trained on and held out. Entries of payloads that no
-    optimizer step reached (`max_steps` short of a pass) stay pending for a later job."""
-    from rlhf.serving.metrics import TRAIN_METRIC
-    from rlhf.trainer.jobs import JobResult
-    from rlhf.trainer.publish import maybe_activate, register
-
-    register(registry, manifest)
-    if consumer is not None:
-        consumer.commit(payload_ids=manifest.extra.get("applied_ids", []) +
-                        manifest.extra.get("eval_ids", []),
-                        entry_ids=manifest.extra.get("stream_entries", []))
-        consumer.update_metrics()
-        consumer.close()
-    activated, why = maybe_activate(registry, manifest, activate=spec.activate,
-                                    min_eval_accuracy=spec.min_eval_accuracy)
-    for k in ("eval_accuracy", "eval_loss", "eval_margin"):
-        if k in manifest.metrics:
-            TRAIN_METRIC.labels(JOB_TYPE, k).set(manifest.metrics[k])
-    metrics = {**manifest.metrics, "activated": activated, "activation": why}
-    ctx.progress(1.0, metrics, force=True)
-    return JobResult(manifest.version, metrics)
+        return publish_and_finish(spec, ctx, got, tmp, kind="policy", metrics=result.metrics,
+                                  extra=extra, job_type=JOB_TYPE, metric_keys=METRIC_KEYS)

@@ -24,23 +24,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_client.registry import Registry
 
-from rlhf.models.probes import compute_probes
-from rlhf.models.store import Manifest, ModelStore
 from rlhf.serving.metrics import TRAIN_METRIC
 from rlhf.trainer.data import (
     DataError,
     Pair,
-    check_preference_payload,
-    pairs_from_payload,
-    read_jsonl,
-    split_by_source,
     unique_source_ids,
 )
-from rlhf.trainer.jobs import JobContext, JobResult, RewardModelJob, TransientError
-from rlhf.trainer.publish import find_job_version, maybe_activate, publish_version, register, resolve_base
-from rlhf.trainer.queues import StreamConsumer
+from rlhf.trainer.jobs import JobContext, JobResult, RewardModelJob
+from rlhf.trainer.pipeline import publish_and_finish, read_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_TYPE = "reward_model"
+METRIC_KEYS = ("eval_accuracy", "eval_loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,40 +250,10 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
 
 def run_reward_model_job(spec: RewardModelJob, ctx: JobContext) -> JobResult:
     """Read → split → train → publish → commit → (activate). Safe to run again after a crash."""
+    got = read_inputs(spec, ctx, job_type=JOB_TYPE, metric_keys=METRIC_KEYS)
+    if isinstance(got, JobResult):
+        return got
     settings = ctx.settings
-    store = ModelStore(settings.store_dir)
-    registry = Registry(ctx.redis_text)
-    consumer = None
-    if spec.source.type == "stream":
-        consumer = StreamConsumer(
-            ctx.redis_bytes, spec.source.stream, spec.source.group, f"job-{spec.job_id}",
-            max_deliveries=settings.queue_max_deliveries,
-            claim_idle_ms=settings.queue_claim_idle_ms,
-            validate=check_preference_payload,
-        )
-    manifest = find_job_version(store, spec.model_name, spec.job_id)
-    if manifest is not None:  # an earlier attempt published and died before finishing
-        log.info("job %s: version %s already published; finishing it", spec.job_id, manifest.version)
-        return _finish(spec, ctx, registry, manifest, consumer)
-
-    base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
-                        base_version=spec.base_version)
-    entries = []
-    if consumer is not None:
-        entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
-        ctx.on_heartbeat(lambda: consumer.touch(entries))
-        consumer.update_metrics()
-        pairs = [p for e in entries for p in pairs_from_payload(e.payload)]
-        where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
-    else:
-        pairs = read_jsonl(spec.source.path)
-        where = spec.source.path
-    if len(pairs) < spec.min_pairs:
-        raise DataError(f"{where} gave {len(pairs)} usable pairs; the job needs at least "
-                        f"{spec.min_pairs}")
-    train, evals = split_by_source(pairs, spec.eval_fraction, seed=spec.seed)
-    ctx.progress(0.0, {"pairs": len(pairs), "train_pairs": len(train), "eval_pairs": len(evals)},
-                 force=True)
 
     def on_step(step: int, total: int, m: dict[str, float]) -> None:
         ctx.progress(step / total, {"step": step, "steps": total, **m})
@@ -298,44 +261,17 @@ def run_reward_model_job(spec: RewardModelJob, ctx: JobContext) -> JobResult:
             TRAIN_METRIC.labels(JOB_TYPE, k).set(v)
 
     with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
-        metrics = train_reward_model(base.model_dir, train, evals, spec, out_dir=tmp,
+        metrics = train_reward_model(got.base.model_dir, got.train, got.evals, spec, out_dir=tmp,
                                      device=settings.device, on_step=on_step, check=ctx.check,
                                      threads=settings.torch_threads)
-        ctx.confirm_lease()
-        if consumer is not None and not consumer.owns(entries):
-            raise TransientError("some stream entries were reclaimed by another consumer while "
-                                 "training (heartbeat missed); retrying on fresh reads")
         extra = {
             "job_type": JOB_TYPE,
             "source": spec.source.model_dump(),
-            "base": {"dir": str(base.model_dir), "version": base.version},
-            "applied_ids": unique_source_ids(train),
-            "eval_ids": unique_source_ids(evals),
-            "stream_entries": [e.entry_id for e in entries],
+            "base": {"dir": str(got.base.model_dir), "version": got.base.version},
+            "applied_ids": unique_source_ids(got.train),
+            "eval_ids": unique_source_ids(got.evals),
+            "stream_entries": [e.entry_id for e in got.entries],
             "spec": spec.model_dump(mode="json"),
         }
-        probes = compute_probes("reward", tmp)  # what a service checks before swapping to it
-        manifest = publish_version(store, registry, spec.model_name, tmp, parent=base.version,
-                                   job_id=spec.job_id, kind="reward", metrics=metrics, extra=extra,
-                                   probes=probes)
-    return _finish(spec, ctx, registry, manifest, consumer)
-
-
-def _finish(spec: RewardModelJob, ctx: JobContext, registry: Registry, manifest: Manifest,
-            consumer: StreamConsumer | None) -> JobResult:
-    """After the version is committed: register, ack its entries, activate if asked."""
-    register(registry, manifest)
-    if consumer is not None:
-        consumer.commit(payload_ids=manifest.extra.get("applied_ids", []) +
-                        manifest.extra.get("eval_ids", []),
-                        entry_ids=manifest.extra.get("stream_entries", []))
-        consumer.update_metrics()
-        consumer.close()
-    activated, why = maybe_activate(registry, manifest, activate=spec.activate,
-                                    min_eval_accuracy=spec.min_eval_accuracy)
-    for k in ("eval_accuracy", "eval_loss"):
-        if k in manifest.metrics:
-            TRAIN_METRIC.labels(JOB_TYPE, k).set(manifest.metrics[k])
-    metrics = {**manifest.metrics, "activated": activated, "activation": why}
-    ctx.progress(1.0, metrics, force=True)
-    return JobResult(manifest.version, metrics)
+        return publish_and_finish(spec, ctx, got, tmp, kind="reward", metrics=metrics, extra=extra,
+                                  job_type=JOB_TYPE, metric_keys=METRIC_KEYS)

@@ -1,0 +1,123 @@
+"""The frame every training job shares, around its own training step:
+
+    read pairs (stream or JSONL) → [train] → publish the version → commit the stream entries →
+    activate when asked
+
+Safe to run again after a crash: a version the job already published is finished, not trained
+again (`read_inputs` returns its result), and stream entries are acked only after the publish.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_client.registry import Registry
+
+from rlhf.models.probes import compute_probes
+from rlhf.models.store import Manifest, ModelStore
+from rlhf.serving.metrics import TRAIN_METRIC
+from rlhf.trainer.data import DataError, check_preference_payload, pairs_from_payload, read_jsonl, split_by_source
+from rlhf.trainer.jobs import JobContext, JobResult, TransientError
+from rlhf.trainer.publish import Base, find_job_version, maybe_activate, publish_version, register, resolve_base
+from rlhf.trainer.queues import StreamConsumer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobInputs:
+    """What a job trains on, and the handles it publishes and commits through."""
+
+    store: ModelStore
+    registry: Registry
+    consumer: StreamConsumer | None
+    base: Base
+    entries: list = field(default_factory=list)
+    pairs: list = field(default_factory=list)
+    train: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+
+def read_inputs(spec, ctx: JobContext, *, job_type: str, metric_keys: tuple[str, ...],
+                stage: dict[str, Any] | None = None) -> JobInputs | JobResult:
+    """The job's pairs, split into train / held-out — or, when an earlier attempt of this job
+    already published its version, that version finished (registered, committed, activated)."""
+    settings = ctx.settings
+    store = ModelStore(settings.store_dir)
+    registry = Registry(ctx.redis_text)
+    consumer = None
+    if spec.source.type == "stream":
+        consumer = StreamConsumer(
+            ctx.redis_bytes, spec.source.stream, spec.source.group, f"job-{spec.job_id}",
+            max_deliveries=settings.queue_max_deliveries,
+            claim_idle_ms=settings.queue_claim_idle_ms,
+            validate=check_preference_payload,
+        )
+    manifest = find_job_version(store, spec.model_name, spec.job_id)
+    if manifest is not None:  # an earlier attempt published and died before finishing
+        log.info("job %s: version %s already published; finishing it", spec.job_id, manifest.version)
+        return finish(spec, ctx, registry, manifest, consumer, job_type=job_type, metric_keys=metric_keys)
+
+    base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
+                        base_version=spec.base_version)
+    entries: list = []
+    if consumer is not None:
+        entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
+        ctx.on_heartbeat(lambda: consumer.touch(entries))
+        consumer.update_metrics()
+        pairs = [p for e in entries for p in pairs_from_payload(e.payload)]
+        where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
+    else:
+        pairs = read_jsonl(spec.source.path)
+        where = spec.source.path
+    if len(pairs) < spec.min_pairs:
+        raise DataError(f"{where} gave {len(pairs)} usable pairs; the job needs at least "
+                        f"{spec.min_pairs}")
+    train, evals = split_by_source(pairs, spec.eval_fraction, seed=spec.seed)
+    ctx.progress(0.0, {**(stage or {}), "pairs": len(pairs), "train_pairs": len(train),
+                       "eval_pairs": len(evals)}, force=True)
+    return JobInputs(store, registry, consumer, base, entries, pairs, train, evals)
+
+
+def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | Path, *, kind: str,
+                       metrics: dict[str, Any], extra: dict[str, Any], job_type: str,
+                       metric_keys: tuple[str, ...]) -> JobResult:
+    """Commit a trained checkpoint: confirm the job still holds its lease and its stream
+    entries, record golden probes, publish (the commit point), then `finish`."""
+    ctx.confirm_lease()
+    if inputs.consumer is not None and not inputs.consumer.owns(inputs.entries):
+        raise TransientError("some stream entries were reclaimed by another consumer while "
+                             "training (heartbeat missed); retrying on fresh reads")
+    probes = compute_probes(kind, out_dir)  # what a service checks before swapping to it
+    manifest = publish_version(inputs.store, inputs.registry, spec.model_name, out_dir,
+                               parent=inputs.base.version, job_id=spec.job_id, kind=kind,
+                               metrics=metrics, extra=extra, probes=probes)
+    return finish(spec, ctx, inputs.registry, manifest, inputs.consumer, job_type=job_type,
+                  metric_keys=metric_keys)
+
+
+def finish(spec, ctx: JobContext, registry: Registry, manifest: Manifest, consumer: StreamConsumer | None,
+           *, job_type: str, metric_keys: tuple[str, ...]) -> JobResult:
+    """After the version is committed: register it, ack its entries, activate if asked.
+
+    Acked: the entries of payloads trained on, held out, or without a usable pair; recorded as
+    applied (never read again): the ids trained on and held out. Entries whose payloads no step
+    reached (the manifest leaves them out of `stream_entries`) stay pending for a later job."""
+    register(registry, manifest)
+    if consumer is not None:
+        consumer.commit(payload_ids=manifest.extra.get("applied_ids", []) +
+                        manifest.extra.get("eval_ids", []),
+                        entry_ids=manifest.extra.get("stream_entries", []))
+        consumer.update_metrics()
+        consumer.close()
+    activated, why = maybe_activate(registry, manifest, activate=spec.activate,
+                                    min_eval_accuracy=spec.min_eval_accuracy)
+    for k in metric_keys:
+        if k in manifest.metrics:
+            TRAIN_METRIC.labels(job_type, k).set(manifest.metrics[k])
+    metrics = {**manifest.metrics, "activated": activated, "activation": why}
+    ctx.progress(1.0, metrics, force=True)
+    return JobResult(manifest.version, metrics)
