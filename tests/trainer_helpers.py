@@ -134,3 +134,40 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures shared by the in-process job tests (imported by test_dpo.py, test_reward_training.py)
+# ------------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def r():
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from rlhf.config import Settings
+
+    return Settings(redis_url=REDIS_URL, store_dir=tmp_path / "store", metrics_port=None,
+                    torch_threads=1)
+
+
+def names_fixture(model_prefix: str, stream_prefix: str):
+    """A fixture of unique model / stream names; every key they made is deleted afterwards."""
+
+    @pytest.fixture
+    def names(r):
+        made = {"model": unique(model_prefix), "stream": unique(stream_prefix), "jobs": []}
+        yield made
+        forget_model(r, made["model"])
+        delete_matching(r, f"{made['stream']}*")
+        for job_id in made["jobs"]:
+            forget_job(r, job_id)
+
+    return names

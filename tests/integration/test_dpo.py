@@ -16,13 +16,12 @@ import random
 
 import pytest
 import redis
-from trainer_helpers import REDIS_URL, delete_matching, forget_job, forget_model, unique
+from trainer_helpers import REDIS_URL, names_fixture, r, settings, unique  # noqa: F401 - fixtures
 
 torch = pytest.importorskip("torch")
 
 from rlhf_client import QueueProducer, Registry, TrainingClient  # noqa: E402
 
-from rlhf.config import Settings  # noqa: E402
 from rlhf.models.store import ModelStore  # noqa: E402
 from rlhf.trainer.dpo import (  # noqa: E402
     LocalReference,
@@ -64,27 +63,7 @@ def write_jsonl(path, pairs):
     return path
 
 
-@pytest.fixture
-def r():
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def names(r):
-    made = {"model": unique("dpo"), "stream": unique("test:dpo-prefs"), "jobs": []}
-    yield made
-    forget_model(r, made["model"])
-    delete_matching(r, f"{made['stream']}*")
-    for job_id in made["jobs"]:
-        forget_job(r, job_id)
-
-
-@pytest.fixture
-def settings(tmp_path):
-    return Settings(redis_url=REDIS_URL, store_dir=tmp_path / "store", metrics_port=None,
-                    torch_threads=1)
+names = names_fixture("dpo", "test:dpo-prefs")
 
 
 @pytest.fixture

@@ -10,17 +10,19 @@ import pytest
 import redis
 from rlhf_client import QueueProducer, Registry, TrainingClient
 from rlhfpb.v1 import samples_pb2
-from trainer_helpers import (
+from trainer_helpers import (  # noqa: F401 - r, settings: shared fixtures
     REDIS_URL,
     delete_matching,
     forget_job,
     forget_model,
+    names_fixture,
+    r,
+    settings,
     synthetic_messages,
     unique,
     wait_for,
 )
 
-from rlhf.config import Settings
 from rlhf.models.store import ModelStore
 from rlhf.trainer.data import synthetic_pairs
 from rlhf.trainer.jobs import JobRejected, JobStore, execute, parse_spec
@@ -30,28 +32,7 @@ from rlhf.trainer.reward_model import run_reward_model_job
 FAST = dict(learning_rate=1e-3, batch_size=16, max_length=64)  # tiny model, synthetic task
 
 
-@pytest.fixture
-def r():
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def names(r):
-    """Unique model / stream names; every key they made is deleted afterwards."""
-    made = {"model": unique("rm"), "stream": unique("test:prefs"), "jobs": []}
-    yield made
-    forget_model(r, made["model"])
-    delete_matching(r, f"{made['stream']}*")
-    for job_id in made["jobs"]:
-        forget_job(r, job_id)
-
-
-@pytest.fixture
-def settings(tmp_path):
-    return Settings(redis_url=REDIS_URL, store_dir=tmp_path / "store", metrics_port=None,
-                    torch_threads=1)
+names = names_fixture("rm", "test:prefs")
 
 
 def run(names, settings, **spec):
