@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from typing import Union
 
 import redis
+
+from rlhf_client.redis_conn import connect
 from google.protobuf.message import DecodeError, Message
 from rlhfpb.v1 import samples_pb2
 
@@ -145,7 +147,7 @@ class QueueProducer:
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> "QueueProducer":
-        return cls(redis.Redis.from_url(url), **kwargs)
+        return cls(connect(url), **kwargs)
 
     # -------------------------------------------------------------- one payload
     def push(self, msg: Payload, *, stream: str | None = None) -> str:

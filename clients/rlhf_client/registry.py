@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import redis
 
+from rlhf_client.redis_conn import connect
+
 EVENTS_CHANNEL = "rlhf:model-events"
 _PREFIX = "rlhf:"
 
@@ -42,7 +44,7 @@ class Registry:
 
     @classmethod
     def from_url(cls, url: str) -> "Registry":
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        return cls(connect(url, decode_responses=True))
 
     def _k(self, name: str, what: str) -> str:
         return f"{_PREFIX}model:{name}:{what}"

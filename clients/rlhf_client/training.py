@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from rlhf_client.redis_conn import connect
+
 from rlhf_client.registry import Activation, Registry, RegistryError
 
 JOB_KEY_PREFIX = "rlhf:job:"
@@ -143,7 +145,7 @@ class TrainingClient:
 
     def __init__(self, redis_url: str, *, client: redis.Redis | None = None):
         self.redis_url = redis_url  # also the Celery broker the trainer listens on
-        self.r = client or redis.Redis.from_url(redis_url, decode_responses=True)
+        self.r = client or connect(redis_url, decode_responses=True)
 
     @classmethod
     def from_url(cls, url: str) -> "TrainingClient":
@@ -217,7 +219,7 @@ class ModelsClient:
 
     @classmethod
     def from_url(cls, url: str, *, store_dir: str | Path | None = None) -> "ModelsClient":
-        return cls(redis.Redis.from_url(url, decode_responses=True), store_dir=store_dir)
+        return cls(connect(url, decode_responses=True), store_dir=store_dir)
 
     def models(self) -> list[str]:
         return self.registry.models()

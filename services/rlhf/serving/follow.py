@@ -14,7 +14,7 @@ import json
 import logging
 
 import redis
-import redis.asyncio as aredis
+from rlhf_client.redis_conn import connect_async
 
 from rlhf.errors import ServiceError
 from rlhf.serving.swap import Swapper
@@ -73,7 +73,7 @@ class RegistryFollower:
     async def _listen(self) -> None:
         backoff = 0.5
         while True:
-            client = aredis.Redis.from_url(self.redis_url, decode_responses=True)
+            client = connect_async(self.redis_url, decode_responses=True, blocking=True)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)

@@ -124,14 +124,14 @@ def _start_metrics(settings) -> None:
     """
     if settings.metrics_port is None:
         return
-    import redis
     from prometheus_client import start_http_server
+    from rlhf_client.redis_conn import connect
 
     server, _ = start_http_server(settings.metrics_port, addr=settings.host)
     log.info("metrics listening on %s:%d", settings.host, server.server_port)
     url = settings.redis_url.get_secret_value()
-    r_bytes = redis.Redis.from_url(url)
-    r_text = redis.Redis.from_url(url, decode_responses=True)
+    r_bytes = connect(url)
+    r_text = connect(url, decode_responses=True)
 
     def loop() -> None:
         while True:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rlhf_client.queues import PREFERENCES_STREAM
+from rlhf_client.redis_conn import connect
 from rlhf_client.registry import Registry
 from rlhf_client.training import JOBS_INDEX, TERMINAL_STATUSES, JobRecord, job_key, read_job
 
@@ -440,7 +441,7 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
     from rlhf.trainer.celery_app import TASK_FOR_JOB, sender
 
     spec = parse_spec(data)
-    r = client or redis.Redis.from_url(redis_url, decode_responses=True)
+    r = client or connect(redis_url, decode_responses=True)
     check_against_registry(spec, Registry(r))
     if isinstance(spec, DPOJob):  # DPO: an empty dataset is rejected here, not in the worker
         check_dpo_submit(spec, r)
@@ -513,7 +514,7 @@ class JobContext:
     def redis_bytes(self) -> redis.Redis:
         """A client that returns bytes (stream payloads are binary)."""
         if self._redis_bytes is None:
-            self._redis_bytes = redis.Redis.from_url(self.settings.redis_url.get_secret_value())
+            self._redis_bytes = connect(self.settings.redis_url.get_secret_value())
         return self._redis_bytes
 
     def on_heartbeat(self, fn: Callable[[], object]) -> None:
@@ -572,7 +573,7 @@ class JobContext:
 def execute(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult], *,
             settings: "Settings", worker: str) -> Outcome:
     """Run one delivery of a job: guard by job id, run `work` under a lease, record the result."""
-    r = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    r = connect(settings.redis_url.get_secret_value(), decode_responses=True)
     try:
         jobs = JobStore(r, lease_s=settings.job_lease_s, record_ttl_s=settings.job_record_ttl_s)
         decision = jobs.begin(spec, worker)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
+from rlhf_client.redis_conn import MAX_BLOCK_MS
 from rlhf_client.queues import DEAD_LETTER_SUFFIX, Payload, PayloadError, dead_letter_stream, decode_entry
 
 from rlhf.serving.metrics import DEAD_LETTER_DEPTH, QUEUE_DEPTH
@@ -137,9 +138,21 @@ class StreamConsumer:
                 log.info("%s/%s: reclaimed %d entries idle > %d ms", self.stream, self.group,
                          len(entries), self.claim_idle_ms)
                 return entries, False
-        res = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=want,
-                                block=block_ms)
+        res = self._read_new(want, block_ms)
         return (res[0][1] if res else []), True
+
+    def _read_new(self, want: int, block_ms: int | None):
+        """`XREADGROUP ... >`, waiting up to `block_ms` as a loop of waits of at most
+        `MAX_BLOCK_MS` (each one well inside the client's read timeout)."""
+        if not block_ms:
+            return self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=want)
+        deadline = time.monotonic() + block_ms / 1000.0
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            res = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=want,
+                                    block=max(1, min(left_ms, MAX_BLOCK_MS)))
+            if res or left_ms <= MAX_BLOCK_MS:
+                return res
 
     def _deliveries(self, entry_ids: list[str]) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)
