@@ -782,7 +782,8 @@ def test_build_context_lets_in_sources_only(dockerfile):
     ]
     assert patterns[0] == "*", "deny everything first"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert allowed <= {"pyproject.toml", "README.md", "LICENSE", "clients", "services"}, allowed
+    assert allowed <= {"pyproject.toml", "README.md", "LICENSE", "clients", "services",
+                       "requirements"}, allowed
 
 
 def test_images_in_manifests_are_built_here():
