@@ -16,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from rlhf_client.redis_conn import connect
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # queues, registry, in-process jobs
-WORKER_REDIS_URL = "redis://127.0.0.1:6379/12"  # Celery broker + everything a worker test makes
+from helpers import TEST_REDIS
+
+REDIS_URL = f"{TEST_REDIS}/11"  # queues, registry, in-process jobs
+WORKER_REDIS_URL = f"{TEST_REDIS}/12"  # Celery broker + everything a worker test makes
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,6 +81,18 @@ def synthetic_messages(n: int, *, seed: int, prefix: str):
     return [samples_pb2.PreferencePair(id=p.source_id, prompt=p.prompt, chosen=p.chosen,
                                        rejected=p.rejected, source="synthetic")
             for p in synthetic_pairs(n, seed=seed, prefix=prefix)]
+
+
+def push_at_once(client: redis.Redis, messages, *, stream: str) -> list[str]:
+    """Push payloads in one MULTI: a job blocked in its read of `stream` gets all of them in
+    that read (pipelined pushes may wake it after the first few)."""
+    from rlhf_client.queues import encode_entry
+
+    pipe = client.pipeline(transaction=True)
+    for m in messages:
+        pipe.xadd(stream, encode_entry(m))
+    pipe.execute()
+    return [m.id for m in messages]
 
 
 class Worker:
@@ -145,7 +160,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def r():
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = connect(REDIS_URL, decode_responses=True)
     yield client
     client.close()
 

@@ -346,14 +346,11 @@ def test_every_container_has_requests_and_limits(kustomization):
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_container_has_probes(kustomization):
+    """Startup (slow starts), liveness (restart when wedged) and readiness: in a Service traffic
+    waits for it; the trainer has no Service, but rollouts and `kubectl get pods` read it."""
     for workload in workloads(kustomization):
         for where, c in [(w, c) for w, c in all_containers(workload) if " init " not in w]:
-            served = any(p["name"] in ("grpc", "redis") for p in c.get("ports", []))
-            if served:  # in a Service: traffic waits for readiness; slow starts for startup
-                probes = ("startupProbe", "readinessProbe", "livenessProbe")
-            else:  # the trainer: no Service, no traffic; alive or restarted
-                probes = ("startupProbe", "livenessProbe")
-            for probe in probes:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert probe in c, f"{where}: {probe}"
 
 
@@ -511,18 +508,44 @@ def test_trainer_grace_exceeds_its_soft_shutdown(kustomization):
     assert grace >= 120 and grace > settings.drain_grace_s
 
 
-def test_trainer_probes_ping_the_celery_app():
-    trainer = by_name("base", "Deployment")["trainer"]
-    container = pod_spec(trainer)["containers"][0]
-    for probe in ("startupProbe", "livenessProbe"):
-        script = " ".join(container[probe]["exec"]["command"])
-        match = re.search(r"celery --app (\S+) inspect ping .*--destination \"celery@\$HOSTNAME\"",
-                          script)
-        assert match, f"{probe}: {script}"
-        if not worker_pending(container["args"]):  # once `rlhf worker` exists, so must its app
-            import importlib.util
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_trainer_probes_read_the_worker_heartbeat(kustomization):
+    """`rlhf worker-probe` (a CLI command: the args parse) on the heartbeat file the worker
+    writes (a setting of the container, on a writable emptyDir). Liveness never asks for the
+    broker (`--ready`): a Redis outage or the soft shutdown must not get a finishing worker
+    restarted. Timings fit the heartbeat: a probe never runs more often than the file is
+    written, and a restart takes longer than the heartbeat takes to go stale. (The grace
+    period against the soft shutdown: test_trainer_grace_exceeds_its_soft_shutdown.)"""
+    from rlhf.trainer.health import STALE_AFTER_INTERVALS
 
-            assert importlib.util.find_spec(match.group(1)), f"{probe}: no module {match.group(1)}"
+    trainer = by_name(kustomization, "Deployment")["trainer"]
+    (container,) = pod_spec(trainer)["containers"]
+    settings = settings_of(kustomization, container)
+    assert "worker-probe" in rlhf_subcommands()
+    heartbeat = settings.worker_heartbeat_file
+    assert heartbeat is not None, "RLHF_WORKER_HEARTBEAT_FILE: the worker must write its heartbeat"
+    volumes = {v["name"]: v for v in pod_spec(trainer)["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = max((m for m in mounts if str(heartbeat).startswith(m + "/")), key=len, default=None)
+    assert mount and not mounts[mount].get("readOnly"), f"{heartbeat} is not on a writable mount"
+    assert "emptyDir" in volumes[mounts[mount]["name"]], f"{heartbeat}: on an emptyDir"
+    stale_s = STALE_AFTER_INTERVALS * settings.worker_heartbeat_s
+    for probe, ready in (("startupProbe", False), ("livenessProbe", False), ("readinessProbe", True)):
+        spec = container[probe]
+        command = spec["exec"]["command"]
+        assert command[0] == "rlhf", f"{probe}: {command}"
+        args = parse_args(f"{probe}", command[1:])
+        assert args.command == "worker-probe" and args.ready is ready, f"{probe}: {command}"
+        assert args.worker_heartbeat_file in (None, heartbeat), f"{probe}: another heartbeat file"
+        assert spec["timeoutSeconds"] >= 5, f"{probe}: room for a Python start on a busy node"
+        if probe != "startupProbe":  # (the first heartbeat is written as the worker starts)
+            assert spec["periodSeconds"] >= settings.worker_heartbeat_s, probe
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > stale_s, (
+        "liveness restarts only after the heartbeat has been stale for a while"
+    )
+    start = container["startupProbe"]
+    assert start["periodSeconds"] * start["failureThreshold"] >= 120, "slow starts get minutes"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)

@@ -7,5 +7,8 @@ queues.py       the stream consumer (consumer group, ack after commit, reclaim, 
 data.py         preference pairs from payloads or JSONL; ranking expansion; the split
 reward_model.py Bradley–Terry reward-model training and its job
 publish.py      store version → registry → active
-cli.py          `rlhf worker`, `rlhf jobs`, `rlhf models`
+reaper.py       re-queues jobs whose Celery message was lost (no lease, no message)
+workdirs.py     each attempt's own temp dir; a dead attempt's is removed by whoever comes next
+health.py       the worker's heartbeat file and `rlhf worker-probe` (the pod's probes)
+cli.py          `rlhf worker`, `rlhf worker-probe`, `rlhf jobs`, `rlhf models`
 """

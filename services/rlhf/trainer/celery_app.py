@@ -1,7 +1,7 @@
 """The trainer's Celery app: job control over a Redis broker, JSON only.
 
-    celery --app rlhf.trainer.celery_app inspect ping     # the pod's probes
     rlhf worker                                          # the pod's command (see trainer/cli.py)
+    rlhf worker-probe [--ready]                          # the pod's probes (see health.py)
 
 Configuration (from `Settings`, see `celery_config`):
 - Redis broker = `redis_url`; JSON is the only serializer accepted for tasks, results and
@@ -17,6 +17,12 @@ Configuration (from `Settings`, see `celery_config`):
   SIGTERM to Celery's cold shutdown, so on SIGTERM a running job gets that long, then is
   cancelled and requeued (acks late), all within the pod's grace period.
 - No result backend: the job record in Redis (jobs.py) is the result.
+- A broker outage: the worker reconnects (forever on startup, `broker_connection_max_retries`
+  after) and a running job trains on: `worker_cancel_long_running_tasks_on_connection_loss` is
+  off (stated, since Celery means to turn it on by default), and the job waits Redis out itself
+  (jobs.py). Its message stays in the unacked hash (or goes back to the queue when the worker
+  can restore it) until the job's ack; the job's id guards against a second run.
+- Probes: `ConsumerHeartbeat` marks the worker ready from Celery's event loop (health.py).
 
 Settings are read once per process: `rlhf worker` passes its own (CLI flags included) through
 `configure`; under the plain `celery` command they come from the environment on first use.
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import functools
 
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu import Exchange, Queue
 
 from rlhf.config import Settings
@@ -72,6 +78,7 @@ def _static_config() -> dict:
                      for task, q in QUEUE_FOR_TASK.items()},
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
@@ -101,8 +108,42 @@ def celery_config(settings: Settings) -> dict:
     )
 
 
+class ConsumerHeartbeat(bootsteps.StartStopStep):
+    """Readiness from Celery's event loop: while the consumer is started (connected, consuming)
+    a timer on its loop beats the worker's heartbeat (health.py); stopped (a reconnect, a
+    shutdown) it marks the worker not ready. Does nothing without a heartbeat file."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, parent) -> None:
+        from rlhf.trainer.health import current
+
+        beat = current()
+        if beat is None:
+            return
+        beat.loop_beat()
+        self.tref = parent.timer.call_repeatedly(beat.interval_s, beat.loop_beat)
+
+    def stop(self, parent) -> None:
+        from rlhf.trainer.health import current
+
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        beat = current()
+        if beat is not None:
+            beat.not_ready()
+
+    shutdown = stop
+
+
 app = Celery("rlhf", include=["rlhf.trainer.tasks"], set_as_current=False)
 app.add_defaults(lambda: celery_config(get_settings()))  # a promise: read on first use
+app.steps["consumer"].add(ConsumerHeartbeat)
 
 
 def configure(settings: Settings) -> Celery:

@@ -1,7 +1,9 @@
-"""`rlhf worker`, `rlhf jobs`, `rlhf models`: the trainer's commands.
+"""`rlhf worker`, `rlhf worker-probe`, `rlhf jobs`, `rlhf models`: the trainer's commands.
 
     rlhf worker [--pool prefork|solo] [--concurrency N] [--queues Q,...] [--hostname NAME]
+    rlhf worker-probe [--ready] [--heartbeat-file PATH]    # the trainer pod's probes (exit 0/1)
     rlhf jobs [list] [--limit N] [--status S] | jobs show ID | jobs submit SPEC.json [--wait]
+    rlhf jobs reap [--grace S] [--dry-run]                 # re-queue jobs whose message was lost
     rlhf models list | models show NAME [VERSION] | models activate NAME VERSION | models rollback NAME
 
 Every command takes --redis-url (env RLHF_REDIS_URL); `models` and `worker` take --store.
@@ -38,6 +40,8 @@ _WORKER = [
     (("--soft-shutdown",), dict(dest="worker_soft_shutdown_s", type=float,
                                 help="SIGTERM: seconds a running job gets before it is requeued")),
     (("--torch-threads",), dict(dest="torch_threads", type=int, help="torch intra-op threads")),
+    (("--heartbeat-file",), dict(dest="worker_heartbeat_file", type=Path,
+                                 help="write the heartbeat `rlhf worker-probe` checks here")),
 ]
 
 
@@ -54,6 +58,13 @@ def add_parsers(sub) -> None:
                         help="comma-separated queues to consume (default: every trainer queue)")
     worker.add_argument("--hostname", default=None, help="Celery node name (default celery@HOST)")
 
+    probe = sub.add_parser("worker-probe", help="check the worker's heartbeat (the trainer pod's "
+                           "probes): exit 0 when live (--ready: and consuming), 1 otherwise")
+    probe.add_argument("--ready", action="store_true",
+                       help="also require the worker to be connected and consuming")
+    probe.add_argument("--heartbeat-file", dest="worker_heartbeat_file", type=Path, default=None,
+                       help="the worker's heartbeat file (env RLHF_WORKER_HEARTBEAT_FILE)")
+
     jobs = sub.add_parser("jobs", help="training jobs: list (default), show, submit")
     jobs.set_defaults(jobs_command="list", limit=20, status=None, json=False)
     jobs_sub = jobs.add_subparsers(dest="jobs_command")
@@ -66,6 +77,11 @@ def add_parsers(sub) -> None:
     jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model)')
     jsub.add_argument("--wait", action="store_true", help="wait until it finishes")
     jsub.add_argument("--timeout", type=float, default=24 * 3600.0)
+    jr = _leaf(jobs_sub, "reap", "re-queue queued/running jobs whose lease expired and whose "
+               "Celery message is gone")
+    jr.add_argument("--grace", type=float, default=None,
+                    help="seconds a job's record must be unchanged (default: job_reap_grace_s)")
+    jr.add_argument("--dry-run", action="store_true", help="list the orphans, re-queue nothing")
 
     models = sub.add_parser("models", help="model versions: list, show, activate, rollback")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -101,6 +117,8 @@ def run_worker(args, settings) -> int:
 
     app = configure(settings)
     _start_metrics(settings)
+    _start_heartbeat(settings)
+    _start_reaper(settings)
     argv = [
         "worker",
         f"--pool={settings.worker_pool}",
@@ -113,6 +131,66 @@ def run_worker(args, settings) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
+    return 0
+
+
+def _start_heartbeat(settings) -> None:
+    """The heartbeat file the pod's probes read (see health.py)."""
+    if settings.worker_heartbeat_file is None:
+        return
+    from rlhf.trainer.health import Heartbeat
+
+    Heartbeat(settings.worker_heartbeat_file, settings.worker_heartbeat_s).start()
+    log.info("heartbeat file %s, every %gs", settings.worker_heartbeat_file,
+             settings.worker_heartbeat_s)
+
+
+def _start_reaper(settings) -> None:
+    """Temp dirs of attempts that died with an earlier worker go now; then, every
+    job_reap_interval_s, those of dead attempts and a reaper pass (see reaper.py)."""
+    from rlhf.trainer.workdirs import clean_stale, tmp_root
+
+    root = tmp_root(settings)
+    removed = clean_stale(root)
+    if removed:
+        log.info("removed %d temp dir(s) of dead job attempts under %s", removed, root)
+    if settings.job_reap_interval_s <= 0:
+        return
+
+    def loop() -> None:
+        from rlhf.trainer.jobs import REDIS_ERRORS
+        from rlhf.trainer.reaper import reap_once
+
+        while True:
+            time.sleep(settings.job_reap_interval_s)
+            try:
+                clean_stale(root)
+            except OSError:
+                log.warning("cleaning %s failed", root, exc_info=True)
+            try:
+                reap_once(settings)
+            except REDIS_ERRORS as exc:  # an outage: the next pass tries again
+                log.info("reaper pass skipped: Redis unreachable (%s)", exc)
+            except Exception:  # noqa: BLE001 - the reaper must not take the worker down
+                log.warning("reaper pass failed", exc_info=True)
+
+    threading.Thread(target=loop, name="job-reaper", daemon=True).start()
+
+
+def run_worker_probe(args, settings) -> int:
+    """Exit 0 when the worker's heartbeat says live (with --ready: and consuming), else 1."""
+    from rlhf.trainer.health import check
+
+    if settings.worker_heartbeat_file is None:
+        print("rlhf worker-probe: no heartbeat file (set RLHF_WORKER_HEARTBEAT_FILE or "
+              "--heartbeat-file)", file=sys.stderr)
+        return 2
+    why = check(settings.worker_heartbeat_file, interval_s=settings.worker_heartbeat_s,
+                ready=args.ready)
+    if why is not None:
+        print(f"rlhf worker-probe: {why}")
+        return 1
+    print("ready" if args.ready else "live")
     return 0
 
 
@@ -183,6 +261,14 @@ def run_jobs(args, settings) -> int:
             rec = tc.status(args.job_id)
             _print(rec.to_dict(), True, "")
             return 0
+        if args.jobs_command == "reap":
+            from rlhf.trainer.reaper import reap_once
+
+            ids = reap_once(settings, grace_s=args.grace, dry_run=args.dry_run)
+            verb = "orphaned" if args.dry_run else "re-queued"
+            _print({verb: ids}, args.json, "\n".join(f"{verb} {i}" for i in ids) or
+                   f"(no job {verb})")
+            return 0
         # submit
         text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
         try:
@@ -245,4 +331,5 @@ def run_models(args, settings) -> int:
         mc.close()
 
 
-HANDLERS = {"worker": run_worker, "jobs": run_jobs, "models": run_models}
+HANDLERS = {"worker": run_worker, "worker-probe": run_worker_probe, "jobs": run_jobs,
+            "models": run_models}

@@ -13,7 +13,18 @@ snapshotted into it) and sends the Celery message (task id = job id). The task c
 
 The lease (`rlhf:job:<id>:lease`, a random token with a TTL of `job_lease_s`) is renewed by the
 running attempt's heartbeat. The order "write terminal status, then release the lease" and
-"take the lease, then re-read the status" means two deliveries can never both run a job.
+"take the lease, then re-read the status" means two deliveries can never both run a job. A
+terminal status (or `queued` before a retry) is written only by the lease's holder, or while
+nobody holds it: an attempt that lost its lease never overwrites the attempt that took it.
+
+Redis going away (a restart, a failover) loses nothing: a running job keeps training through it
+(progress writes are skipped, the heartbeat retakes a lapsed lease when Redis is back unless
+another attempt took it meanwhile), and every step that needs Redis waits for it with a capped
+backoff for up to `job_redis_wait_s` (`until_redis`). A read or commit step cut by an outage is
+run again from the job's last commit (its own pending stream entries, its published version).
+No path ends a delivery with its Celery message dropped: past the wait, the task hands the
+message back (reject with requeue; if even that cannot reach Redis, the message stays in
+kombu's unacked hash). The reaper (reaper.py) re-queues a job whose message was lost anyway.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import redis
@@ -324,6 +336,36 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Mark an attempt running: attempts + 1 once per attempt token (a begin retried after its reply
+# was lost counts once).
+_MARK_RUNNING = """
+if redis.call('hget', KEYS[1], 'attempt_token') ~= ARGV[1] then
+  redis.call('hincrby', KEYS[1], 'attempts', 1)
+  redis.call('hset', KEYS[1], 'attempt_token', ARGV[1])
+end
+if not redis.call('hget', KEYS[1], 'started') then
+  redis.call('hset', KEYS[1], 'started', ARGV[3])
+end
+redis.call('hset', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'updated', ARGV[3], 'error', '')
+return 1
+"""
+# Write fields (a terminal status, or `queued` before a retry) only while this attempt holds the
+# lease or nobody does; then release it (terminal status first, then the lease: see begin).
+# ARGV: token ('' = none), record TTL in s ('' = keep), release (1/0), then field/value pairs.
+_SETTLE = """
+local holder = redis.call('get', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('hset', KEYS[1], unpack(ARGV, 4))
+if ARGV[2] ~= '' then
+  redis.call('expire', KEYS[1], ARGV[2])
+end
+if holder and ARGV[3] == '1' then
+  redis.call('del', KEYS[2])
+end
+return 1
+"""
 
 
 class JobStore:
@@ -335,6 +377,8 @@ class JobStore:
         self.record_ttl_s = record_ttl_s
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._mark_running = client.register_script(_MARK_RUNNING)
+        self._settle = client.register_script(_SETTLE)
 
     @staticmethod
     def lease_key(job_id: str) -> str:
@@ -360,8 +404,12 @@ class JobStore:
         pipe.execute()
         return read_job(self.r, spec.job_id)
 
-    def begin(self, spec: JobSpec, worker: str) -> Run | Done | Busy:
-        """Decide whether this delivery runs the job (see the module docstring)."""
+    def begin(self, spec: JobSpec, worker: str, *, token: str | None = None) -> Run | Done | Busy:
+        """Decide whether this delivery runs the job (see the module docstring).
+
+        Safe to call again with the same `token` when a reply was lost (Redis went away): a
+        lease already held by `token` is this delivery's, and the attempt is counted once.
+        """
         rec = self.get(spec.job_id)
         if rec is None:  # sent without submit_job (e.g. `celery call`): record it now
             try:
@@ -370,22 +418,16 @@ class JobStore:
                 rec = self.get(spec.job_id)
         if rec.status in TERMINAL_STATUSES:
             return Done(rec)
-        token = uuid.uuid4().hex
-        if not self.r.set(self.lease_key(spec.job_id), token, nx=True, px=self.lease_ms):
-            ttl_ms = self.r.pttl(self.lease_key(spec.job_id))
+        token = token or uuid.uuid4().hex
+        lease = self.lease_key(spec.job_id)
+        if not self.r.set(lease, token, nx=True, px=self.lease_ms) and self.r.get(lease) != token:
+            ttl_ms = self.r.pttl(lease)
             return Busy(max(ttl_ms, 100) / 1000.0)
         rec = self.get(spec.job_id)  # re-read under the lease: it may have finished meanwhile
         if rec.status in TERMINAL_STATUSES:
-            self._release(keys=[self.lease_key(spec.job_id)], args=[token])
+            self._release(keys=[lease], args=[token])
             return Done(rec)
-        now = f"{time.time():.6f}"
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(job_key(spec.job_id), mapping={
-            "status": "running", "worker": worker, "updated": now, "error": "",
-            **({} if rec.started else {"started": now}),
-        })
-        pipe.hincrby(job_key(spec.job_id), "attempts", 1)
-        pipe.execute()
+        self._mark_running(keys=[job_key(spec.job_id)], args=[token, worker, f"{time.time():.6f}"])
         return Run(token, self.get(spec.job_id))
 
     def renew(self, job_id: str, token: str) -> bool:
@@ -401,30 +443,35 @@ class JobStore:
             fields["metrics"] = json.dumps(metrics, default=float)
         self.r.hset(job_key(job_id), mapping=fields)
 
-    def _finish(self, job_id: str, token: str | None, fields: dict[str, str]) -> None:
+    def _finish(self, job_id: str, token: str | None, fields: dict[str, str]) -> bool:
         now = f"{time.time():.6f}"
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping={**fields, "updated": now, "finished": now})
-        pipe.expire(job_key(job_id), self.record_ttl_s)
-        pipe.execute()
-        if token is not None:  # terminal status first, then the lease (see begin)
-            self.release(job_id, token)
+        return self._write(job_id, token, {**fields, "updated": now, "finished": now},
+                           ttl_s=self.record_ttl_s)
+
+    def _write(self, job_id: str, token: str | None, fields: dict[str, str], *,
+               ttl_s: int | None) -> bool:
+        """Write `fields` and release the lease, unless another attempt holds it (False)."""
+        args = [token or "", "" if ttl_s is None else str(ttl_s), "1"]
+        for k, v in fields.items():
+            args += [k, v]
+        return bool(self._settle(keys=[job_key(job_id), self.lease_key(job_id)], args=args))
 
     def succeed(self, job_id: str, token: str | None, *, version: str | None,
-                metrics: dict[str, Any]) -> None:
-        self._finish(job_id, token, {"status": "succeeded", "progress": "1", "error": "",
-                                     "version": version or "",
-                                     "metrics": json.dumps(metrics, default=float)})
+                metrics: dict[str, Any]) -> bool:
+        """Record success; False (nothing written) when another attempt holds the lease."""
+        return self._finish(job_id, token, {"status": "succeeded", "progress": "1", "error": "",
+                                            "version": version or "",
+                                            "metrics": json.dumps(metrics, default=float)})
 
-    def fail(self, job_id: str, token: str | None, error: str) -> None:
-        self._finish(job_id, token, {"status": "failed", "error": error[:4000]})
+    def fail(self, job_id: str, token: str | None, error: str) -> bool:
+        """Record failure; False (nothing written) when another attempt holds the lease."""
+        return self._finish(job_id, token, {"status": "failed", "error": error[:4000]})
 
-    def requeue(self, job_id: str, token: str | None, note: str) -> None:
-        """Back to `queued` before a retry (the lease is released for the next attempt)."""
-        self.r.hset(job_key(job_id), mapping={"status": "queued", "error": note[:4000],
-                                             "updated": f"{time.time():.6f}"})
-        if token is not None:
-            self.release(job_id, token)
+    def requeue(self, job_id: str, token: str | None, note: str) -> bool:
+        """Back to `queued` before a retry (the lease is released for the next attempt);
+        False (nothing written) when another attempt holds the lease."""
+        return self._write(job_id, token, {"status": "queued", "error": note[:4000],
+                                           "updated": f"{time.time():.6f}"}, ttl_s=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,9 +516,42 @@ class TransientError(RuntimeError):
     """A failure worth retrying (the job is requeued while attempts remain)."""
 
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, TransientError,
-)
+#: Redis unreachable or not answering: what a running job waits out (a Redis still loading its
+#: append-only file answers LOADING, `BusyLoadingError`, a `ConnectionError`).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TransientError)
+
+
+class RedisGone(RuntimeError):
+    """Redis stayed unreachable longer than a job waits for it (`job_redis_wait_s`)."""
+
+
+def until_redis(fn: Callable[[], Any], *, patience_s: float, what: str, job_id: str,
+                cap_s: float = 10.0) -> Any:
+    """`fn()`, run again while Redis is unreachable: waits 0.2 s doubling up to `cap_s` between
+    tries, `patience_s` in all, then raises `RedisGone`. `fn` must be safe to run twice (its
+    reply may be what was lost)."""
+    start = time.monotonic()
+    delay, failures = 0.2, 0
+    while True:
+        try:
+            value = fn()
+        except REDIS_ERRORS as exc:
+            waited = time.monotonic() - start
+            if waited >= patience_s:
+                raise RedisGone(f"Redis unreachable for {waited:.0f}s (to {what}): "
+                                f"{type(exc).__name__}: {exc}") from exc
+            if failures == 0:
+                log.warning("job %s: Redis unreachable (%s: %s); waiting up to %.0fs to %s",
+                            job_id, type(exc).__name__, exc, patience_s, what)
+            failures += 1
+            time.sleep(min(delay, patience_s - waited))
+            delay = min(delay * 2, cap_s)
+            continue
+        if failures:
+            log.warning("job %s: Redis is back after %.1fs; going on to %s", job_id,
+                        time.monotonic() - start, what)
+        return value
 
 
 @dataclass(frozen=True)
@@ -484,9 +564,10 @@ class JobResult:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one delivery of a job did. `retry_in_s` set: the task must retry after that long."""
+    """What one delivery of a job did. `retry_in_s` set: the task must retry after that long.
+    `interrupted`: Redis stayed away past `job_redis_wait_s`; the task gives its message back."""
 
-    status: Literal["succeeded", "failed", "skipped", "busy", "retry", "abandoned"]
+    status: Literal["succeeded", "failed", "skipped", "busy", "retry", "abandoned", "interrupted"]
     job_id: str
     version: str | None = None
     error: str | None = None
@@ -496,19 +577,33 @@ class Outcome:
         return dict(self.__dict__)
 
 
-class JobContext:
-    """Handed to a job function: settings, Redis, progress reporting and the lease heartbeat."""
+#: Progress writes that fail (Redis away) pause this long before the next try: training is not
+#: slowed down by connect timeouts.
+_PROGRESS_PAUSE_S = 5.0
 
-    def __init__(self, settings: "Settings", jobs: JobStore, job_id: str, token: str):
+
+class JobContext:
+    """Handed to a job function: settings, Redis, progress reporting and the lease heartbeat.
+
+    `workdir` is the attempt's own temp directory (see workdirs.py): the job's temp files and
+    checkpoints go there, and it is removed when the attempt ends or, if its process died, by
+    whoever cleans up next.
+    """
+
+    def __init__(self, settings: "Settings", jobs: JobStore, job_id: str, token: str, *,
+                 workdir: Path | None = None):
         self.settings = settings
         self.jobs = jobs
         self.job_id = job_id
         self.token = token
+        self.workdir = workdir
         self.redis_text = jobs.r
         self._redis_bytes: redis.Redis | None = None
         self.lost = threading.Event()
         self._beats: list[Callable[[], object]] = []
         self._last_progress = 0.0
+        self._progress_paused_until = 0.0
+        self._beat_failing = False
 
     @property
     def redis_bytes(self) -> redis.Redis:
@@ -516,6 +611,11 @@ class JobContext:
         if self._redis_bytes is None:
             self._redis_bytes = connect(self.settings.redis_url.get_secret_value())
         return self._redis_bytes
+
+    def redis(self, fn: Callable[[], Any], what: str) -> Any:
+        """`fn()` (idempotent Redis work), waiting for Redis through an outage (`until_redis`)."""
+        return until_redis(fn, patience_s=self.settings.job_redis_wait_s, what=what,
+                           job_id=self.job_id)
 
     def on_heartbeat(self, fn: Callable[[], object]) -> None:
         """Also run `fn` on every heartbeat (e.g. touch the stream entries being trained on)."""
@@ -528,17 +628,27 @@ class JobContext:
 
     def confirm_lease(self) -> None:
         """Renew the lease now and raise `LeaseLost` if another attempt holds it: call right
-        before a commit (publishing a version), not trusting the last heartbeat."""
-        if not self.jobs.renew(self.job_id, self.token):
+        before a commit (publishing a version), not trusting the last heartbeat. Waits for
+        Redis through an outage."""
+        if not self.redis(lambda: self.jobs.renew(self.job_id, self.token),
+                          "confirm the lease before publishing"):
             self.lost.set()
         self.check()
 
     def progress(self, fraction: float, metrics: dict[str, Any] | None = None, *,
                  force: bool = False) -> None:
+        """Record progress (at most every 0.5 s unless `force`). Best effort: with Redis away
+        the write is skipped and training goes on."""
         now = time.monotonic()
-        if force or now - self._last_progress >= 0.5:
-            self._last_progress = now
+        if not (force or now - self._last_progress >= 0.5) or now < self._progress_paused_until:
+            return
+        self._last_progress = now
+        try:
             self.jobs.progress(self.job_id, fraction, metrics)
+        except REDIS_ERRORS as exc:
+            self._progress_paused_until = time.monotonic() + _PROGRESS_PAUSE_S
+            log.warning("job %s: progress not recorded (Redis unreachable: %s); training goes on",
+                        self.job_id, exc)
 
     def beat(self) -> None:
         if not self.jobs.renew(self.job_id, self.token):
@@ -546,6 +656,11 @@ class JobContext:
             return
         for fn in self._beats:
             fn()
+
+    def reset(self) -> None:
+        """Before running the job function again in this attempt: forget its heartbeat hooks."""
+        self._beats.clear()
+        self._progress_paused_until = 0.0
 
     @contextlib.contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -556,8 +671,19 @@ class JobContext:
             while not stop.wait(period):
                 try:
                     self.beat()
+                except REDIS_ERRORS as exc:  # an outage: the lease is retaken once Redis is back
+                    if not self._beat_failing:
+                        log.warning("job %s: heartbeat failed (Redis unreachable: %s); training "
+                                    "goes on", self.job_id, exc)
+                    self._beat_failing = True
+                    continue
                 except Exception:  # noqa: BLE001 - a missed beat is retried next period
                     log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+                    continue
+                if self._beat_failing:
+                    self._beat_failing = False
+                    log.warning("job %s: heartbeat: Redis is back; lease %s", self.job_id,
+                                "lost to another attempt" if self.lost.is_set() else "held")
 
         thread = threading.Thread(target=loop, name=f"heartbeat-{self.job_id}", daemon=True)
         thread.start()
@@ -568,15 +694,31 @@ class JobContext:
             thread.join(timeout=5)
             if self._redis_bytes is not None:
                 self._redis_bytes.close()
+                self._redis_bytes = None
+
+
+#: How often one attempt runs its job function again after Redis went away mid-step.
+_MAX_RERUNS = 10
 
 
 def execute(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult], *,
             settings: "Settings", worker: str) -> Outcome:
-    """Run one delivery of a job: guard by job id, run `work` under a lease, record the result."""
+    """Run one delivery of a job: guard by job id, run `work` under a lease, record the result.
+
+    Every Redis step waits for Redis through an outage (`until_redis`); an outage longer than
+    `job_redis_wait_s` ends the delivery `interrupted` (the task gives its message back).
+    """
+    from rlhf.trainer.workdirs import attempt_dir
+
     r = connect(settings.redis_url.get_secret_value(), decode_responses=True)
+
+    def wait(fn: Callable[[], Any], what: str) -> Any:
+        return until_redis(fn, patience_s=settings.job_redis_wait_s, what=what, job_id=spec.job_id)
+
     try:
         jobs = JobStore(r, lease_s=settings.job_lease_s, record_ttl_s=settings.job_record_ttl_s)
-        decision = jobs.begin(spec, worker)
+        token = uuid.uuid4().hex  # one per delivery: begin may run twice (a lost reply)
+        decision = wait(lambda: jobs.begin(spec, worker, token=token), "start the job")
         if isinstance(decision, Done):
             log.info("job %s is already %s: not run again", spec.job_id, decision.record.status)
             return Outcome("skipped", spec.job_id, version=decision.record.version)
@@ -584,37 +726,73 @@ def execute(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult], *,
             log.info("job %s runs elsewhere (lease held): retry in %.1fs", spec.job_id,
                      decision.retry_in_s)
             return Outcome("busy", spec.job_id, retry_in_s=decision.retry_in_s)
-        token, attempt = decision.token, decision.record.attempts
+        attempt = decision.record.attempts
         if attempt > settings.job_max_retries + 1:
             error = f"gave up: {attempt - 1} attempts did not finish (job_max_retries " \
                     f"{settings.job_max_retries})"
-            jobs.fail(spec.job_id, token, error)
+            wait(lambda: jobs.fail(spec.job_id, token, error), "record the job as failed")
             return Outcome("failed", spec.job_id, error=error)
         log.info("job %s (%s): attempt %d on %s", spec.job_id, spec.type, attempt, worker)
-        ctx = JobContext(settings, jobs, spec.job_id, token)
+        with attempt_dir(settings, spec.job_id, attempt) as workdir:
+            ctx = JobContext(settings, jobs, spec.job_id, token, workdir=workdir)
+            return _run_attempt(spec, work, ctx, attempt, wait)
+    except RedisGone as exc:
+        log.error("job %s: %s; giving its message back for redelivery", spec.job_id, exc)
+        return Outcome("interrupted", spec.job_id, error=str(exc))
+    finally:
+        r.close()
+
+
+def _run_attempt(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult],
+                 ctx: JobContext, attempt: int,
+                 wait: Callable[[Callable[[], Any], str], Any]) -> Outcome:
+    settings, jobs, job_id, token = ctx.settings, ctx.jobs, ctx.job_id, ctx.token
+
+    def abandoned(why: str) -> Outcome:
+        log.warning("job %s: %s", job_id, why)
+        return Outcome("abandoned", job_id, error=why)
+
+    def failed(error: str) -> Outcome:
+        if not wait(lambda: jobs.fail(job_id, token, error), "record the job as failed"):
+            return abandoned("lease lost to another attempt; its failure is not recorded")
+        return Outcome("failed", job_id, error=error)
+
+    reruns = 0
+    while True:
+        ctx.reset()
         try:
             with ctx.heartbeat():
                 result = work(spec, ctx)
+            break
         except LeaseLost as exc:
-            log.warning("%s", exc)
-            return Outcome("abandoned", spec.job_id, error=str(exc))
-        except TRANSIENT_ERRORS as exc:
+            return abandoned(str(exc))
+        except REDIS_ERRORS as exc:  # Redis went away mid-step (a read, a commit)
             error = f"{type(exc).__name__}: {exc}"
-            if attempt <= settings.job_max_retries:
-                delay = float(min(60, 2 ** attempt))
-                jobs.requeue(spec.job_id, token, f"attempt {attempt} failed ({error}); retrying")
-                log.warning("job %s: attempt %d failed (%s); retry in %.0fs", spec.job_id,
-                            attempt, error, delay)
-                return Outcome("retry", spec.job_id, error=error, retry_in_s=delay)
-            jobs.fail(spec.job_id, token, error)
-            return Outcome("failed", spec.job_id, error=error)
+            reruns += 1
+            if reruns <= _MAX_RERUNS:
+                log.warning("job %s: Redis went away mid-step (%s); running the job again from its "
+                            "last commit once Redis is back", job_id, error)
+                if not wait(lambda: jobs.renew(job_id, token), "retake the job's lease"):
+                    return abandoned("lease lost to another attempt during a Redis outage")
+                continue
+        except RedisGone:
+            raise
+        except TransientError as exc:
+            error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - recorded on the job; the worker lives on
-            error = f"{type(exc).__name__}: {exc}"
-            log.exception("job %s failed", spec.job_id)
-            jobs.fail(spec.job_id, token, error)
-            return Outcome("failed", spec.job_id, error=error)
-        jobs.succeed(spec.job_id, token, version=result.version, metrics=result.metrics)
-        log.info("job %s succeeded: version %s", spec.job_id, result.version)
-        return Outcome("succeeded", spec.job_id, version=result.version)
-    finally:
-        r.close()
+            log.exception("job %s failed", job_id)
+            return failed(f"{type(exc).__name__}: {exc}")
+        # A transient failure: retried as a new attempt while attempts remain.
+        if attempt > settings.job_max_retries:
+            return failed(error)
+        delay = float(min(60, 2 ** attempt))
+        note = f"attempt {attempt} failed ({error}); retrying"
+        if not wait(lambda: jobs.requeue(job_id, token, note), "requeue the job"):
+            return abandoned("lease lost to another attempt; not requeued")
+        log.warning("job %s: attempt %d failed (%s); retry in %.0fs", job_id, attempt, error, delay)
+        return Outcome("retry", job_id, error=error, retry_in_s=delay)
+    if not wait(lambda: jobs.succeed(job_id, token, version=result.version, metrics=result.metrics),
+                "record the job's success"):
+        return abandoned("lease lost to another attempt after publishing; it finishes the job")
+    log.info("job %s succeeded: version %s", job_id, result.version)
+    return Outcome("succeeded", job_id, version=result.version)

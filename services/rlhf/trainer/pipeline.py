@@ -5,6 +5,10 @@
 
 Safe to run again after a crash: a version the job already published is finished, not trained
 again (`read_inputs` returns its result), and stream entries are acked only after the publish.
+
+Redis may go away at any point (jobs.py): the read is simply run again by `execute` (the job's
+own pending entries come back first), and every Redis step of publish and finish waits for
+Redis (`ctx.redis`) and is idempotent, so a published version is never trained again.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from rlhf.models.probes import compute_probes
 from rlhf.models.store import Manifest, ModelStore
 from rlhf.serving.metrics import TRAIN_METRIC
 from rlhf.trainer.data import DataError, check_preference_payload, pairs_from_payload, read_jsonl, split_by_source
-from rlhf.trainer.jobs import JobContext, JobResult, TransientError
+from rlhf.trainer.jobs import REDIS_ERRORS, JobContext, JobResult, TransientError
 from rlhf.trainer.publish import Base, find_job_version, maybe_activate, publish_version, register, resolve_base
 from rlhf.trainer.queues import StreamConsumer
 
@@ -88,13 +92,18 @@ def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | 
     """Commit a trained checkpoint: confirm the job still holds its lease and its stream
     entries, record golden probes, publish (the commit point), then `finish`."""
     ctx.confirm_lease()
-    if inputs.consumer is not None and not inputs.consumer.owns(inputs.entries):
+    consumer = inputs.consumer
+    if consumer is not None and not ctx.redis(lambda: consumer.owns(inputs.entries),
+                                              "check the job still holds its stream entries"):
         raise TransientError("some stream entries were reclaimed by another consumer while "
                              "training (heartbeat missed); retrying on fresh reads")
     probes = compute_probes(kind, out_dir)  # what a service checks before swapping to it
-    manifest = publish_version(inputs.store, inputs.registry, spec.model_name, out_dir,
-                               parent=inputs.base.version, job_id=spec.job_id, kind=kind,
-                               metrics=metrics, extra=extra, probes=probes)
+    # The store's rename is the commit point; run again (Redis away while registering), the
+    # job's version is found in the store and only registered.
+    manifest = ctx.redis(lambda: publish_version(
+        inputs.store, inputs.registry, spec.model_name, out_dir, parent=inputs.base.version,
+        job_id=spec.job_id, kind=kind, metrics=metrics, extra=extra, probes=probes),
+        "register the published version")
     return finish(spec, ctx, inputs.registry, manifest, inputs.consumer, job_type=job_type,
                   metric_keys=metric_keys)
 
@@ -106,15 +115,19 @@ def finish(spec, ctx: JobContext, registry: Registry, manifest: Manifest, consum
     Acked: the entries of payloads trained on, held out, or without a usable pair; recorded as
     applied (never read again): the ids trained on and held out. Entries whose payloads no step
     reached (the manifest leaves them out of `stream_entries`) stay pending for a later job."""
-    register(registry, manifest)
+    ctx.redis(lambda: register(registry, manifest), "register the published version")
     if consumer is not None:
-        consumer.commit(payload_ids=manifest.extra.get("applied_ids", []) +
-                        manifest.extra.get("eval_ids", []),
-                        entry_ids=manifest.extra.get("stream_entries", []))
-        consumer.update_metrics()
+        ctx.redis(lambda: consumer.commit(
+            payload_ids=manifest.extra.get("applied_ids", []) + manifest.extra.get("eval_ids", []),
+            entry_ids=manifest.extra.get("stream_entries", [])), "commit the stream entries")
+        try:
+            consumer.update_metrics()
+        except REDIS_ERRORS:  # gauges only: the worker's metrics loop refreshes them
+            log.debug("queue metrics not refreshed", exc_info=True)
         consumer.close()
-    activated, why = maybe_activate(registry, manifest, activate=spec.activate,
-                                    min_eval_accuracy=spec.min_eval_accuracy)
+    activated, why = ctx.redis(lambda: maybe_activate(registry, manifest, activate=spec.activate,
+                                                      min_eval_accuracy=spec.min_eval_accuracy),
+                               "activate the version")
     for k in metric_keys:
         if k in manifest.metrics:
             TRAIN_METRIC.labels(job_type, k).set(manifest.metrics[k])
