@@ -28,6 +28,7 @@ def _result(resp: reference_pb2.LogProbsResponse) -> LogProbsResult:
     return LogProbsResult(
         results=[SequenceLogProbs(logprobs=list(r.logprobs), sum=r.sum) for r in resp.results],
         model=model_ref(resp.model),
+        dtype=resp.dtype,
     )
 
 

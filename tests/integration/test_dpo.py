@@ -5,6 +5,9 @@ ReferenceService on loopback, run in-process (no Celery).
   with another fruit) a DPO job raises held-out implicit-reward accuracy from ~0.5 to ≥ 0.9 and
   makes the published policy's own samples say "banana" far more often;
 - reference log-probs from the ReferenceService and from a local checkpoint give the same loss;
+  with the base as reference the first step's loss is log 2 and its margin 0, and a reference
+  computed in another dtype than the policy is recorded and warned about;
+- a job whose loss goes non-finite fails naming the step and publishes nothing;
 - online: pairs pushed to a stream are trained on once, committed after the publish;
 - bad specs (β ≤ 0, unknown loss type, missing model, empty dataset ...) are rejected at submit.
 """
@@ -12,10 +15,14 @@ ReferenceService on loopback, run in-process (no Celery).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
+import shutil
 
 import pytest
 import redis
+from rlhf_client.redis_conn import connect
 from trainer_helpers import REDIS_URL, names_fixture, r, settings, unique  # noqa: F401 - fixtures
 
 torch = pytest.importorskip("torch")
@@ -119,6 +126,10 @@ def test_a_dpo_job_learns_the_preference_and_publishes_a_version(
     assert (rec.status, rec.version, rec.progress) == ("succeeded", "v0002", 1.0)
     assert (m["train_pairs"], m["eval_pairs"], m["steps"]) == (240, 60, 4 * 15)
     assert 0.3 <= m["eval_accuracy_initial"] <= 0.7  # policy = reference: a coin toss
+    # the reference is the base, computed like the policy: the first step starts at log 2, margin 0
+    assert abs(m["train_loss_first_step"] - math.log(2)) < 1e-6
+    assert abs(m["train_margin_first_step"]) < 1e-6
+    assert m["policy_dtype"] == m["reference_dtype"] == "float32"
     assert m["eval_accuracy"] >= 0.9 and m["eval_loss"] < m["eval_loss_initial"]
     assert m["eval_margin"] > 0 and m["eval_chosen_reward"] > m["eval_rejected_reward"]
     assert m["activated"] is True
@@ -133,6 +144,9 @@ def test_a_dpo_job_learns_the_preference_and_publishes_a_version(
     assert len(manifest.extra["applied_ids"]) == 240 and len(manifest.extra["eval_ids"]) == 60
     assert not set(manifest.extra["applied_ids"]) & set(manifest.extra["eval_ids"])
     assert manifest.extra["reference"]["source"] == "local"
+    assert manifest.extra["reference"]["dtype"] == "float32"
+    assert manifest.extra["reference"]["dtype_matches_policy"] is True
+    assert manifest.metrics["reference_dtype"] == "float32"
     assert manifest.probes["kind"] == "policy"
     assert Registry(r).active(names["model"]) == "v0002"
 
@@ -183,6 +197,86 @@ def test_reference_logprobs_from_the_service_and_a_local_checkpoint_give_the_sam
     assert abs(losses["local"] - 0.6931) > 1e-3  # a different reference: not the trivial log 2
 
 
+def test_with_the_base_as_reference_the_first_step_is_log_2_and_another_dtype_is_flagged(
+        tiny_policy_dir, caplog):
+    """Reference = the policy's own checkpoint: the first step's loss is log 2 and its margin 0,
+    whether the log-probs come from a local copy or from a ReferenceService in float32. A service
+    in bfloat16 computes other numbers than the float32 policy: the job trains on but records
+    both dtypes and warns."""
+    from helpers import ThreadedApp, make_settings
+    from rlhf_client import ReferenceClient
+
+    from rlhf.reference.app import make_reference_app
+
+    pairs = task_pairs(24, seed=5, prefix="base")
+    spec = DPOJob(model_name="x", source={"type": "jsonl", "path": "unused"}, max_steps=1,
+                  batch_size=8, learning_rate=1e-3, beta=0.1, max_length=64)
+    results = {"local": train_dpo(spec, pairs, base_dir=tiny_policy_dir, threads=1)}
+    for dtype in ("float32", "bfloat16"):
+        app = make_reference_app(make_settings(model_dir=tiny_policy_dir, dtype=dtype,
+                                               batch_max_size=16))
+        with ThreadedApp(app) as served, ReferenceClient(served.target, timeout=60) as client:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="rlhf.trainer.dpo"):
+                results[dtype] = train_dpo(spec, pairs, base_dir=tiny_policy_dir, threads=1,
+                                           reference=ServiceReference(client, batch_items=16))
+            warned = [m for m in (r.getMessage() for r in caplog.records)
+                      if "reference log-probs" in m]
+            assert bool(warned) == (dtype != "float32"), warned
+    for name in ("local", "float32"):
+        m, ref = results[name].metrics, results[name].reference
+        assert abs(m["train_loss_first_step"] - math.log(2)) < 1e-6, (name, m)
+        assert abs(m["train_margin_first_step"]) < 1e-6, (name, m)
+        assert (m["policy_dtype"], m["reference_dtype"]) == ("float32", "float32")
+        assert ref["dtype"] == "float32" and ref["dtype_matches_policy"] is True
+    m, ref = results["bfloat16"].metrics, results["bfloat16"].reference
+    assert (m["policy_dtype"], m["reference_dtype"]) == ("float32", "bfloat16")
+    assert ref["dtype_matches_policy"] is False and ref["source"] == "service"
+    assert abs(m["train_loss_first_step"] - math.log(2)) > 1e-6  # not like for like
+
+
+def poisoned_copy(src, dst, *, token: int):
+    """`src` with the input embedding of `token` set to +inf (any sequence holding it goes NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("inf")
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_job_whose_loss_goes_non_finite_fails_naming_the_step_and_publishes_nothing(
+        r, names, settings, tmp_path):
+    """An untied policy whose embedding of <|reset|> (id 1) is infinite, and one pair that holds
+    it: the steps before its batch train, the step with it fails the job with an error naming
+    that step, before the optimizer applies it; no version is published."""
+    from rlhf.models.tiny import RESET_TOKEN, make_tiny_model
+    from rlhf.trainer.finite import TrainingDiverged
+
+    untied = make_tiny_model("policy", tmp_path / "untied", tie_embeddings=False)
+    base = poisoned_copy(untied, tmp_path / "poisoned", token=1)
+    pairs = task_pairs(24, seed=5, prefix=unique("nan"))
+    pairs[1]["chosen"] += RESET_TOKEN
+    spec = dict(loss_type="reference_free", max_steps=6, batch_size=8, learning_rate=1e-3)
+
+    steps = []
+    with pytest.raises(TrainingDiverged) as err:
+        train_dpo(DPOJob(model_name="x", source={"type": "jsonl", "path": "unused"}, **spec),
+                  pairs, base_dir=base, threads=1, progress=lambda s, t, m: steps.append(s))
+    assert steps == [1, 2]  # these trained; the third held the poisoned pair
+    assert "training diverged at step 3 of 6: loss = nan" in str(err.value)
+    assert "nothing was published" in str(err.value)
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    job, out = run(names, settings, base_dir=str(base), source={"type": "jsonl", "path": str(data)},
+                   eval_fraction=0, **spec)
+    assert out.status == "failed"
+    assert "TrainingDiverged: training diverged at step 3 of 6" in out.error
+    assert JobStore(r).get(job.job_id).status == "failed"
+    assert ModelStore(settings.store_dir).versions(names["model"]) == []  # nothing published
+
+
 @pytest.mark.parametrize("loss", [
     dict(loss_type="sigmoid"), dict(loss_type="sigmoid", label_smoothing=0.2),
     dict(loss_type="hinge"), dict(loss_type="ipo", beta=0.5), dict(loss_type="reference_free"),
@@ -208,7 +302,7 @@ def test_an_online_job_trains_on_pushed_pairs_once_and_commits_them(r, names, tm
 
     # a short lease so that the first job's leftover entries go idle (reclaimable) quickly
     settings = settings.model_copy(update={"job_lease_s": 1.0, "queue_claim_idle_ms": 1000})
-    rb = redis.Redis.from_url(REDIS_URL)
+    rb = connect(REDIS_URL)
     producer, stream = QueueProducer(rb), names["stream"]
     pushed = [producer.push_pair(stream=stream, id=p["id"], prompt=p["prompt"], chosen=p["chosen"],
                                  rejected=p["rejected"])

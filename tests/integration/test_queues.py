@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import redis
+from rlhf_client.redis_conn import connect
 from rlhf_client import PayloadError, QueueProducer
 from rlhf_client.queues import PREFERENCES_STREAM, dead_letter_stream
 from rlhfpb.v1 import samples_pb2
@@ -19,7 +20,7 @@ GROUP = "g"
 
 @pytest.fixture
 def r():
-    client = redis.Redis.from_url(REDIS_URL)
+    client = connect(REDIS_URL)
     yield client
     client.close()
 

@@ -243,3 +243,37 @@ async def test_load_version_checks_probes_then_swaps(client, store, tiny_policy_
     model_b = load_causal_lm(tiny_policy_dir_b)
     for item, got in zip(ITEMS, res.results):
         check(model_b, item, got)
+
+
+async def test_the_log_probs_name_the_dtype_that_computed_them(client, tiny_policy_dir):
+    """Every response says which dtype the weights computed in (a DPO trainer compares it with
+    its policy's); a service run in bfloat16 says so."""
+    from rlhf.reference.app import make_reference_app
+
+    assert (await client.logprobs(ITEMS[:1])).dtype == "float32"
+    app = make_reference_app(make_settings(model_dir=tiny_policy_dir, dtype="bfloat16", **BATCHING))
+    async with running(app):
+        async with AsyncReferenceClient(f"127.0.0.1:{app.port}", timeout=30) as bf16:
+            assert (await bf16.logprobs(ITEMS[:1])).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2-mixed"])
+async def test_sliding_window_models_give_the_values_of_each_sequence_alone(arch, tmp_path):
+    """A tiny Mistral (every layer slides, window 4) and a Qwen2 mixing full and sliding layers:
+    items far longer than the window, batched together, equal each sequence's own forward."""
+    from window_models import make_window_model
+
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.reference.app import make_reference_app
+
+    model_dir = make_window_model(arch, tmp_path / arch, window=4)
+    direct = load_causal_lm(model_dir)
+    rng = random.Random(5)
+    items = [([rng.randrange(4, 1000) for _ in range(rng.randint(1, 12))],
+              [rng.randrange(4, 1000) for _ in range(rng.randint(2, 25))]) for _ in range(6)]
+    app = make_reference_app(make_settings(model_dir=model_dir, **BATCHING))
+    async with running(app):
+        async with AsyncReferenceClient(f"127.0.0.1:{app.port}", timeout=30) as c:
+            res = await c.logprobs(items)
+    for item, got in zip(items, res.results):
+        check(direct, item, got)

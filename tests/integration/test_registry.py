@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import redis
+from rlhf_client.redis_conn import connect
 from rlhf_client import ModelsClient, Registry, RegistryError
 from rlhf_client.registry import EVENTS_CHANNEL
 from trainer_helpers import REDIS_URL, fake_hf_dir, forget_model, unique, wait_for
@@ -18,7 +19,7 @@ from rlhf.models.store import ModelStore
 
 @pytest.fixture
 def r():
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = connect(REDIS_URL, decode_responses=True)
     yield client
     client.close()
 
@@ -36,7 +37,7 @@ class Events:
     def __init__(self, name: str):
         self.name = name
         self.seen: list[dict] = []
-        self._client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+        self._client = connect(REDIS_URL, decode_responses=True)
         self._pubsub = self._client.pubsub()
         self._pubsub.subscribe(EVENTS_CHANNEL)
         self._pubsub.get_message(timeout=5)  # the subscribe confirmation

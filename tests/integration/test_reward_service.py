@@ -1,7 +1,8 @@
 """RewardService: a real gRPC server on 127.0.0.1 with the tiny reward model made on the spot.
 
 Every reward is checked against a direct forward pass of an independently loaded copy of the
-checkpoint on the same tokens, alone (no padding, no batching). The server runs on the test
+checkpoint on the same tokens, alone (no padding, no batching), read at the last token whatever
+it is (the tiny models' pad id is their eos: a trailing eos must count). The server runs on the test
 session's event loop, so every test is async; the blocking client runs in a thread.
 """
 
@@ -100,9 +101,11 @@ def direct(tiny_reward_dir):
 
 
 def forward_reward(model, ids) -> float:
-    """The model's score of one sequence, alone: `Model(input_ids=ids)`."""
+    """The model's score of one sequence, alone, at its last token: the score head on the
+    backbone's last hidden state (not transformers' pooling, which skips a trailing pad id)."""
     with torch.no_grad():
-        return float(model(input_ids=torch.tensor([list(ids)])).logits[0, 0])
+        hidden = model.base_model(input_ids=torch.tensor([list(ids)])).last_hidden_state
+        return float(model.score(hidden[0, -1])[0])
 
 
 def encode(tok, prompt: str, response: str) -> list[int]:
@@ -127,18 +130,34 @@ async def test_text_pairs_equal_a_direct_forward_pass(client, direct):
     assert len(set(res.rewards)) == len(PAIRS)  # not a constant
 
 
-async def test_token_pairs_equal_text_pairs_and_trailing_eos_matches_the_model(client, direct):
+async def test_token_pairs_equal_text_pairs_and_a_trailing_eos_counts(client, direct):
     model, tok = direct
     by_text = await client.score(PAIRS)
     splits = [(tok.encode(p, add_special_tokens=False), tok.encode(r, add_special_tokens=False)) for p, r in PAIRS]
     by_ids = await client.score(splits)
     assert by_ids.rewards == by_text.rewards
-    # eos == pad in this model: a response that ends with it is scored as the model scores it alone
+    # eos == pad in this model: a response that ends with it is scored at the eos, not as if the
+    # response had been cut before it
     eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
     items = [(p, r + [eos]) for p, r in splits] + [(splits[0][0], [eos])]
     res = await client.score(items)
     for (p, r), got in zip(items, res.rewards):
         assert abs(got - forward_reward(model, p + r)) < TOL
+    for without, with_eos in zip(by_ids.rewards, res.rewards):
+        assert abs(without - with_eos) > 1e-4, (without, with_eos)
+
+
+async def test_a_sequence_scores_the_same_alone_and_beside_longer_ones(client, direct):
+    """Padding never changes a reward, trailing eos (= pad) or not."""
+    model, tok = direct
+    eos = tok.eos_token_id
+    short = [([5, 6], [7, eos]), ([5, 6], [7]), ([9], [eos, eos])]
+    longer = [(list(range(20, 60)), [61, 62, eos]), ([8] * 30, list(range(100, 130)))]
+    alone = [(await client.score([s])).rewards[0] for s in short]
+    together = (await client.score([longer[0], *short, longer[1]])).rewards[1:-1]
+    for s, a, t in zip(short, alone, together):
+        assert abs(a - t) < TOL and abs(a - forward_reward(model, s[0] + s[1])) < TOL
 
 
 async def test_compare_is_bradley_terry_of_the_two_rewards(client, direct):

@@ -1,6 +1,7 @@
 """Reward-model training jobs, run in-process (no Celery) on real Redis and a tiny model:
 learning the synthetic task, the stream path end to end, crash-safe commits, gradient
-accumulation, and submit-time validation."""
+accumulation, a trailing eos that counts, a non-finite loss that fails the job, and submit-time
+validation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import pytest
 import redis
+from rlhf_client.redis_conn import connect
 from rlhf_client import QueueProducer, Registry, TrainingClient
 from rlhfpb.v1 import samples_pb2
 from trainer_helpers import (  # noqa: F401 - r, settings: shared fixtures
@@ -118,7 +120,7 @@ def test_a_reward_service_following_the_model_serves_the_activated_version(
 
 
 def test_stream_job_commits_what_it_used_and_never_reapplies_it(r, names, settings, tiny_reward_dir):
-    rb = redis.Redis.from_url(REDIS_URL)
+    rb = connect(REDIS_URL)
     producer, stream = QueueProducer(rb), names["stream"]
     pushed = producer.push_many(synthetic_messages(60, seed=2, prefix=unique("a")), stream=stream)
     pushed.append(producer.push_ranking(prompt="what do you think of the cake?",
@@ -162,7 +164,7 @@ def test_a_retry_after_publish_finishes_that_version_instead_of_training_again(
     import rlhf.trainer.reward_model as rm
     from rlhf.trainer.jobs import TransientError
 
-    rb = redis.Redis.from_url(REDIS_URL)
+    rb = connect(REDIS_URL)
     pushed = QueueProducer(rb).push_many(synthetic_messages(20, seed=4, prefix=unique("c")),
                                          stream=names["stream"])
     real_finish, calls = pipeline.finish, []
@@ -221,6 +223,76 @@ def test_one_job_id_runs_once_at_a_time_and_never_after_it_completed(r, names):
     done = jobs.begin(spec, "w4")  # any later delivery: completed, never runs again
     assert isinstance(done, Done) and done.record.version == "v0001" and done.record.attempts == 2
     assert 0 < r.ttl(f"rlhf:job:{spec.job_id}") <= 30 * 86400  # finished records expire
+
+
+def test_the_training_forward_sees_a_trailing_eos_and_ignores_padding(tiny_reward_dir):
+    """pad == eos in the tiny models: a trailing eos changes the reward the trainer computes
+    (transformers' own pooling would read the token before it), and a sequence's reward is the
+    same alone and padded beside longer ones."""
+    import torch
+
+    from rlhf.models.loading import load_reward_model, load_tokenizer
+    from rlhf.trainer.reward_model import _rewards
+
+    model, tok = load_reward_model(tiny_reward_dir), load_tokenizer(tiny_reward_dir)
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos == model.config.pad_token_id
+    ids = tok.encode("what do you think of the cake? the cake was great.", add_special_tokens=False)
+    longer = ids + tok.encode(" the tea was nice too, really very nice.", add_special_tokens=False)
+    seqs = [ids, ids + [eos], longer, longer + [eos, eos]]
+
+    def naive(s):  # the score head on the last hidden state of the sequence alone
+        hidden = model.base_model(input_ids=torch.tensor([s])).last_hidden_state
+        return float(model.score(hidden[0, -1])[0])
+
+    with torch.no_grad():
+        batch = _rewards(model, seqs, eos, "cpu").tolist()
+        alone = [float(_rewards(model, [s], eos, "cpu")[0]) for s in seqs]
+        want = [naive(s) for s in seqs]
+    assert abs(batch[0] - batch[1]) > 1e-4 and abs(batch[2] - batch[3]) > 1e-4
+    for b, a, w in zip(batch, alone, want):
+        assert abs(b - a) < 1e-5 and abs(b - w) < 1e-5
+
+
+def test_a_job_whose_loss_goes_non_finite_fails_naming_the_step_and_publishes_nothing(
+        r, names, settings, tiny_reward_dir, tmp_path):
+    """A reward model whose embedding of <|reset|> (id 1) is infinite, and one pair that holds
+    it: the step with that pair fails the job, naming the step, before the update; nothing is
+    published."""
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from rlhf.models.tiny import RESET_TOKEN
+    from rlhf.trainer.finite import TrainingDiverged
+    from rlhf.trainer.jobs import RewardModelJob
+    from rlhf.trainer.reward_model import train_reward_model
+
+    base = tmp_path / "poisoned"
+    shutil.copytree(tiny_reward_dir, base)
+    weights = load_file(base / "model.safetensors")
+    weights["model.embed_tokens.weight"][1] = float("inf")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    pairs = synthetic_pairs(24, seed=8, prefix=unique("nan"))
+    pairs[1] = replace(pairs[1], chosen=pairs[1].chosen + RESET_TOKEN)  # in the third batch
+
+    spec = RewardModelJob(model_name="x", base_dir=str(base), source={"type": "stream"},
+                          **{**FAST, "batch_size": 8})
+    steps = []
+    with pytest.raises(TrainingDiverged) as err:
+        train_reward_model(base, pairs, [], spec, out_dir=tmp_path / "out", threads=1,
+                           on_step=lambda s, t, m: steps.append(s))
+    assert steps == [1, 2]  # these trained; the third held the poisoned pair
+    assert "training diverged at step 3 of 3: loss = nan" in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing saved
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    job, out = run(names, settings, base_dir=str(base), source={"type": "jsonl", "path": str(data)},
+                   batch_size=8, eval_fraction=0)
+    assert out.status == "failed", out
+    assert "TrainingDiverged: training diverged at step 3 of 3" in out.error
+    assert ModelStore(settings.store_dir).versions(names["model"]) == []  # nothing published
 
 
 def test_gradient_accumulation_equals_one_larger_batch(tiny_reward_dir):

@@ -201,3 +201,125 @@ def test_a_chat_template_renders_the_prompt_as_a_user_turn(tiny_policy_dir):
     assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(list(tp.chosen_ids)) == "hi there<|im_end|>\n"  # the template ends the turn
     assert tok.decode(list(tp.rejected_ids)) == "bye<|im_end|>\n"
+
+
+# --- sliding windows ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def window_models(tmp_path_factory):
+    from window_models import ARCHS, make_window_model
+
+    root = tmp_path_factory.mktemp("window-models")
+    return {arch: make_window_model(arch, root / arch, window=4) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2-sliding", "qwen2-mixed"])
+def test_sliding_window_models_give_the_values_of_each_sequence_alone(window_models, arch, attn,
+                                                                       monkeypatch):
+    """Window 4, sequences of up to 30 tokens (shared prompts, several packed rows): every path
+    equals a plain teacher-forced forward of each sequence alone. Models whose every layer slides
+    stay packed (the window is in the packed mask); mixed full / sliding layers run padded."""
+    import rlhf.trainer.logprobs as lp
+    from rlhf.models.loading import load_causal_lm
+
+    model = load_causal_lm(window_models[arch])
+    model.set_attn_implementation(attn)
+    packed = []
+    real = lp._forward_packed
+    monkeypatch.setattr(lp, "_forward_packed", lambda *a: packed.append(1) or real(*a))
+    rng = random.Random(4)
+    prompts = [tuple(rng.randrange(4, 1000) for _ in range(rng.randint(1, 12))) for _ in range(3)]
+    seqs = [(rng.choice(prompts), tuple(rng.randrange(4, 1000) for _ in range(rng.randint(2, 18))))
+            for _ in range(8)]
+    assert max(len(p) + len(c) for p, c in seqs) > 4 * 4
+    want = [teacher_forced_logprobs(model, p, c) for p, c in seqs]
+    for kw in (dict(), dict(pack_width=30), dict(share_prompts=False), dict(pack=False)):
+        with torch.no_grad():
+            out = completion_logprobs(model, seqs, pad_id=0, **kw)
+        worst = max(abs(a - b) for got, w in zip(out.per_row(), want) for a, b in zip(got, w))
+        assert worst < TOL, (kw, worst)
+        assert [len(r) for r in out.per_row()] == [len(c) for _, c in seqs]
+    assert bool(packed) == (arch != "qwen2-mixed")
+    # short sequences never reach past the window: packed as plain causal rows, same values
+    short = [((5, 6), (7, 8)), ((5, 6), (9,)), ((40,), (41, 42, 43))]
+    with torch.no_grad():
+        rows = completion_logprobs(model, short, pad_id=0).per_row()
+    for (p, c), got in zip(short, rows):
+        assert max(abs(a - b) for a, b in zip(got, teacher_forced_logprobs(model, p, c))) < TOL
+
+
+def test_a_windowed_pack_hides_keys_a_window_or_more_positions_back():
+    seqs = [((1, 2, 3), (4, 5, 6)), ((1, 2, 3), (7, 8))]
+    packed, _ = pack_sequences(seqs, width=16, pad_id=0, sliding_window=2)
+    m = packed.mask[0, 0]
+    # row: 1 2 3 | 4 5 6 | 7 8 ; positions 0 1 2 | 3 4 5 | 3 4
+    assert m[3].tolist()[:4] == [False, False, True, True]  # token 4 (pos 3) sees pos 2 and 3
+    assert m[7].tolist()[:8] == [False, False, False, False, False, False, True, True]
+    assert m[6].tolist()[:7] == [False, False, True, False, False, False, True]  # sibling hidden
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_pairs_tokenize_as_trls_dpo_trainer_tokenizes_them(tiny_policy_dir, tmp_path, chat):
+    """What `rlhf.trainer.dpo` claims: TRL's DPOTrainer (1.16) makes the same rows and completion
+    masks from the same pair — as plain text without a chat template, as a user / assistant
+    conversation with one — on a tokenizer that adds no special tokens of its own (the tiny
+    models'): tokens merging across the prompt / response boundary, a response that already
+    ends with eos, rows cut to max_length, a prompt that fills it (dropped by both)."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from rlhf.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_policy_dir, padding_side="right")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    max_length = 24
+    pairs = [
+        {"id": "plain", "prompt": "is the cat good?", "chosen": " yes, the cat is good.",
+         "rejected": " no."},
+        {"id": "merge", "prompt": "the cat sat on the", "chosen": "mat.", "rejected": "ma"},
+        {"id": "eos", "prompt": "hello", "chosen": " hi<|endoftext|>", "rejected": " bye"},
+        {"id": "cut", "prompt": "tell me a story:", "chosen": " the dog ran " * 6,
+         "rejected": " no"},
+        {"id": "full", "prompt": "cat " * 30, "chosen": " dog", "rejected": " bird"},
+    ]
+    ours, _ = encode_pairs(tok, pairs, max_length=max_length)
+
+    if chat:
+        rows = [{"id": p["id"], "prompt": [{"role": "user", "content": p["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    else:
+        rows = pairs
+    args = DPOConfig(output_dir=str(tmp_path), max_length=max_length, use_cpu=True, bf16=False,
+                     report_to=[])
+    trainer = SimpleNamespace(_tokenizer=tok, _is_vision_dataset=False)
+    prepared = DPOTrainer._prepare_dataset(trainer, datasets.Dataset.from_list(rows), tok, args,
+                                           "train")
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)
+    theirs = {}
+    for example in prepared:
+        batch = collate([{k: example[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
+        ids, attn = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+        mask = batch["completion_mask"].tolist()
+        theirs[example["id"]] = [(i[: sum(a)], [j for j, m in enumerate(ms) if m])
+                                 for i, a, ms in zip(ids, attn, mask)]  # rows without the pads
+
+    assert [p.id for p in ours] == list(theirs) == ["plain", "merge", "eos", "cut"]
+    for p in ours:
+        mine = [(list(p.prompt_ids + c), list(range(len(p.prompt_ids), len(p.prompt_ids) + len(c))))
+                for c in (p.chosen_ids, p.rejected_ids)]
+        assert mine == theirs[p.id], p.id

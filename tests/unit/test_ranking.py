@@ -128,6 +128,23 @@ def test_split_is_deterministic_by_payload_and_keeps_rankings_together():
     assert len(split_by_source(pairs[:2], 0.01)[1]) == 1  # a positive fraction holds one out
 
 
+@pytest.mark.parametrize("fraction,n,held", [
+    (0.25, 10, 3),  # 2.5: a half rounds up (round() would give 2)
+    (0.45, 10, 5),  # 4.5 (round() would give 4)
+    (0.15, 10, 2),  # 1.5 as written (the float product is 1.5000000000000002)
+    (0.2, 51, 10), (0.2, 300, 60), (0.1, 45, 5), (0.35, 10, 4),
+    (0.01, 2, 1), (0.05, 10, 1),  # at least one
+    (0.99, 3, 2), (0.9, 2, 1),  # at most n - 1
+    (0.5, 1, 0), (0.0, 10, 0),  # one payload, or no fraction: nothing held out
+])
+def test_the_held_out_split_rounds_as_documented(fraction, n, held):
+    """fraction · n rounded to the nearest whole number, a half up, on the fraction as written;
+    then at least one and at most n − 1 (split_by_source's docstring)."""
+    pairs = [Pair(f"s{i}", "q", "a", "b") for i in range(n)]
+    train, evals = split_by_source(pairs, fraction, seed=3)
+    assert len(evals) == held and len(train) == n - held
+
+
 def test_bradley_terry_loss_matches_a_float64_reference():
     import torch
 

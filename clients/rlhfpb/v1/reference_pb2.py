@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhfpb.v1 import common_pb2 as rlhfpb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhfpb/v1/reference.proto\x12\trlhfpb.v1\x1a\x16rlhfpb/v1/common.proto\":\n\x0cLogProbsItem\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x63ompletion_ids\x18\x02 \x03(\x05\"9\n\x0fLogProbsRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.rlhfpb.v1.LogProbsItem\"/\n\x0eLogProbsResult\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x0b\n\x03sum\x18\x02 \x01(\x01\"b\n\x10LogProbsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhfpb.v1.LogProbsResult\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef2\xea\x01\n\x10ReferenceService\x12\x43\n\x08LogProbs\x12\x1a.rlhfpb.v1.LogProbsRequest\x1a\x1b.rlhfpb.v1.LogProbsResponse\x12\x43\n\x08GetModel\x12\x1a.rlhfpb.v1.GetModelRequest\x1a\x1b.rlhfpb.v1.GetModelResponse\x12L\n\x0bLoadVersion\x12\x1d.rlhfpb.v1.LoadVersionRequest\x1a\x1e.rlhfpb.v1.LoadVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhfpb/v1/reference.proto\x12\trlhfpb.v1\x1a\x16rlhfpb/v1/common.proto\":\n\x0cLogProbsItem\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x63ompletion_ids\x18\x02 \x03(\x05\"9\n\x0fLogProbsRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.rlhfpb.v1.LogProbsItem\"/\n\x0eLogProbsResult\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x0b\n\x03sum\x18\x02 \x01(\x01\"q\n\x10LogProbsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhfpb.v1.LogProbsResult\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\r\n\x05\x64type\x18\x03 \x01(\t2\xea\x01\n\x10ReferenceService\x12\x43\n\x08LogProbs\x12\x1a.rlhfpb.v1.LogProbsRequest\x1a\x1b.rlhfpb.v1.LogProbsResponse\x12\x43\n\x08GetModel\x12\x1a.rlhfpb.v1.GetModelRequest\x1a\x1b.rlhfpb.v1.GetModelResponse\x12L\n\x0bLoadVersion\x12\x1d.rlhfpb.v1.LoadVersionRequest\x1a\x1e.rlhfpb.v1.LoadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGPROBSRESULT']._serialized_start=183
   _globals['_LOGPROBSRESULT']._serialized_end=230
   _globals['_LOGPROBSRESPONSE']._serialized_start=232
-  _globals['_LOGPROBSRESPONSE']._serialized_end=330
-  _globals['_REFERENCESERVICE']._serialized_start=333
-  _globals['_REFERENCESERVICE']._serialized_end=567
+  _globals['_LOGPROBSRESPONSE']._serialized_end=345
+  _globals['_REFERENCESERVICE']._serialized_start=348
+  _globals['_REFERENCESERVICE']._serialized_end=582
 # @@protoc_insertion_point(module_scope)

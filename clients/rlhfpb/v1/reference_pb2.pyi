@@ -30,9 +30,11 @@ class LogProbsResult(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ..., sum: _Optional[float] = ...) -> None: ...
 
 class LogProbsResponse(_message.Message):
-    __slots__ = ("results", "model")
+    __slots__ = ("results", "model", "dtype")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[LogProbsResult]
     model: _common_pb2.ModelRef
-    def __init__(self, results: _Optional[_Iterable[_Union[LogProbsResult, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, results: _Optional[_Iterable[_Union[LogProbsResult, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dtype: _Optional[str] = ...) -> None: ...

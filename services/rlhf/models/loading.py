@@ -146,9 +146,11 @@ def load_reward_model(
 ) -> PreTrainedModel:
     """A sequence-classification reward model with exactly one output (the scalar reward).
 
-    Raises `UnsafeCheckpoint` (a `ValueError`) when the config has `num_labels != 1`. The
-    model reads the score at each sequence's last non-pad token, so it needs a pad id: the
-    config's `pad_token_id`, else the tokenizer's pad (or eos) id; neither raises too.
+    Raises `UnsafeCheckpoint` (a `ValueError`) when the config has `num_labels != 1`. Batches
+    are padded with a pad id, so it needs one: the config's `pad_token_id`, else the tokenizer's
+    pad (or eos) id; neither raises too. Read rewards with `rlhf.models.reward_head`, which pools
+    at each row's last attended token: the model's own forward pools at the last token that is
+    not the pad id, which skips a trailing eos when pad == eos.
     """
     from transformers import AutoModelForSequenceClassification
 

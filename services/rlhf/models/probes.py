@@ -42,13 +42,15 @@ def compute_probes(kind: str, model_dir: str | Path) -> dict[str, Any]:
     import torch
 
     from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.models.reward_head import sequence_rewards
 
     tok = load_tokenizer(model_dir)
     with torch.inference_mode():
         if kind == "reward":
             model = load_reward_model(model_dir)
             items = [(_encode(tok, p), _encode(tok, r)) for p, r in PROBE_PAIRS]
-            scores = [float(model(input_ids=torch.tensor([p + r])).logits[0, 0]) for p, r in items]
+            ids = [torch.tensor([p + r]) for p, r in items]
+            scores = [float(sequence_rewards(model, x, torch.ones_like(x))[0]) for x in ids]
             return {"kind": kind, "items": [[p, r] for p, r in items], "scores": scores}
         model = load_causal_lm(model_dir)
         eos = {i for i in (model.generation_config.eos_token_id, tok.eos_token_id) if isinstance(i, int)}

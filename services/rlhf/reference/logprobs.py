@@ -76,6 +76,7 @@ class _Loaded:
     pad_id: int
     device: object
     keeps_logits: bool  # forward() takes `logits_to_keep`
+    dtype: str = "float32"  # of the weights: what the log-probs were computed in
     forward_cost_tokens: int = 128  # fixed cost of one forward pass, in tokens (see length_groups)
 
 
@@ -105,7 +106,8 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
     )
     device = next(model.parameters()).device
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return _Loaded(ref, model, info, int(pad), device, keeps)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return _Loaded(ref, model, info, int(pad), device, keeps, dtype)
 
 
 def logprobs_batch(items: list[_Item]) -> list[LogProbsResult | BaseException]:
@@ -192,8 +194,11 @@ class ReferenceModel(BatchedModel):
 
         return run
 
-    async def logprobs(self, items: Sequence[LogProbsItemInput]) -> tuple[list[LogProbsResult], ModelRef]:
-        """One result per item, in order, and the version that produced them."""
+    async def logprobs(
+        self, items: Sequence[LogProbsItemInput]
+    ) -> tuple[list[LogProbsResult], ModelRef, str]:
+        """One result per item, in order, the version that produced them and the dtype of its
+        weights (a trainer compares it with its policy's)."""
         loaded = self._loaded()  # pinned: the whole request runs on this model
         if not items:
             raise InvalidArgument("items", "at least one item is required")
@@ -202,7 +207,7 @@ class ReferenceModel(BatchedModel):
             raise ResourceExhausted(f"items: {len(items)} items, the limit is {limit}")
         batch = [self._item(loaded, i, it) for i, it in enumerate(items)]
         results = await self.batcher.submit(batch)
-        return results, loaded.ref
+        return results, loaded.ref, loaded.dtype
 
     @staticmethod
     def _item(loaded: _Loaded, i: int, item: LogProbsItemInput) -> _Item:

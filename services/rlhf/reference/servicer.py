@@ -18,10 +18,11 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
 
     async def LogProbs(self, request, context):
         items = [LogProbsItemInput(tuple(x.prompt_ids), tuple(x.completion_ids)) for x in request.items]
-        results, ref = await self._model.logprobs(items)
+        results, ref, dtype = await self._model.logprobs(items)
         return reference_pb2.LogProbsResponse(
             results=[reference_pb2.LogProbsResult(logprobs=r.logprobs, sum=r.sum) for r in results],
             model=model_ref_pb(ref),
+            dtype=dtype,
         )
 
     async def GetModel(self, request, context):

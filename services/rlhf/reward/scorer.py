@@ -6,9 +6,11 @@ model's tokenizer, prompt and response separately and without special tokens, an
 who need other tokens (a chat template, an appended eos) send token ids.
 
 The reward of an item is the model's output for that token sequence alone: the classifier's
-score at the last token that is not the pad id, as `Model(input_ids=ids)` computes it. Batches
-are right-padded with the pad id, so every real token sits where it would without padding, never
-attends to a pad, and the pooled position is the same one: padding does not change a result.
+score at its last token, whatever that token is (`rlhf.models.reward_head`: an eos that is also
+the pad id counts, so a response that ends with eos is not scored as if it were cut before it).
+Batches are right-padded with the pad id, so every real token sits where it would without
+padding, never attends to a pad, and the pooled position is each row's last real token: padding
+does not change a result.
 
 Versions: each request is pinned when it is admitted to the model serving then; a batch holds
 one model only (the batcher's key), so both rewards of a `compare` always come from one version.
@@ -159,6 +161,8 @@ def _forward(seqs: list[tuple[int, ...]], loaded: _Loaded) -> list[float]:
     """One right-padded forward pass; the pooled score of each sequence `(B,)` as floats."""
     import torch
 
+    from rlhf.models.reward_head import sequence_rewards
+
     width = max(len(x) for x in seqs)
     ids = torch.full((len(seqs), width), loaded.pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -166,8 +170,8 @@ def _forward(seqs: list[tuple[int, ...]], loaded: _Loaded) -> list[float]:
         ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
     with torch.inference_mode():
-        out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))
-        return out.logits[:, 0].float().cpu().tolist()  # fp32 values
+        rewards = sequence_rewards(loaded.model, ids.to(loaded.device), mask.to(loaded.device))
+        return rewards.float().cpu().tolist()  # fp32 values
 
 
 # ------------------------------------------------------------------------------------------------

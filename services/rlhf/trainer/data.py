@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from rlhf_client.queues import PayloadError, validate_payload
@@ -115,14 +117,17 @@ def split_by_source(
 ) -> tuple[list[Pair], list[Pair]]:
     """(train, eval): a deterministic split by payload id (a retry gets the same split).
 
-    The payload ids are ordered by a keyed hash; the first ⌈fraction · n⌉ (at least one when the
-    fraction is positive and there are two or more payloads) go to eval.
+    The payload ids are ordered by a keyed hash and the first k go to eval: k is fraction · n
+    (n payloads) rounded to the nearest whole number, a half rounding up (0.25 of 10 → 3, 0.2 of
+    51 → 10), computed on the fraction as written (0.15 · 10 is 1.5, not 1.5000000000000002);
+    then at least one and at most n − 1 when the fraction is positive and n ≥ 2, none otherwise.
     """
     sources = sorted({p.source_id for p in pairs},
                      key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     k = 0
     if eval_fraction > 0 and len(sources) >= 2:
-        k = min(len(sources) - 1, max(1, round(eval_fraction * len(sources))))
+        exact = Fraction(repr(float(eval_fraction))) * len(sources)  # the decimal as written
+        k = min(len(sources) - 1, max(1, math.floor(exact + Fraction(1, 2))))
     held_out = set(sources[:k])
     train = [p for p in pairs if p.source_id not in held_out]
     evals = [p for p in pairs if p.source_id in held_out]

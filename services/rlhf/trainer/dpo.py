@@ -10,10 +10,16 @@ the ids it applied, commit the stream entries, activate if asked. The Celery tas
 
 - Tokenization: the policy's tokenizer; with a chat template the prompt is one user turn
   rendered with the generation prompt and each response the assistant turn after it; without
-  one prompt and response texts are concatenated and eos is appended to the response. The
-  completion is what follows the prompt's tokens (their longest common prefix with the row's
-  tokens), each row is cut to `max_length` keeping its start, and a pair whose prompt alone
-  fills `max_length` is skipped. (This is TRL's DPOTrainer tokenization, token for token.)
+  one prompt and response texts are concatenated and eos is appended to a response that does
+  not already end with it. The completion is what follows the prompt's tokens (their longest
+  common prefix with the row's tokens), each row is cut to `max_length` keeping its start, and
+  a pair whose prompt alone fills `max_length` is skipped. This is what TRL's DPOTrainer (1.16)
+  does with the same pair — as a plain-text pair without a chat template, as a one-user-turn /
+  one-assistant-turn conversation with one — token for token, with one difference: text is
+  encoded without special tokens (as the policy and reward services encode it), where TRL's
+  plain-text path lets the tokenizer add its own (a BOS for Llama-style tokenizers; none for
+  Qwen2-style ones such as the tiny models'). A plain-text pair is never wrapped in the chat
+  template by TRL; here it is whenever the tokenizer has one.
 - Sequence log-probs are summed over completion tokens only (`rlhf.trainer.logprobs`): the
   chosen and rejected rows of a batch share one packed forward pass in which their common
   prompt is computed once, and the LM head runs only on completion positions.
@@ -24,7 +30,15 @@ the ids it applied, commit the stream entries, activate if asked. The Celery tas
   gradient accumulation and clipping, `epochs` passes or `max_steps` optimizer steps.
 - Metrics: loss, implicit-reward accuracy (ties count half), margin, chosen / rejected rewards,
   for the last training step (`train_*`) and the held-out pairs before and after
-  (`eval_*_initial`, `eval_*`).
+  (`eval_*_initial`, `eval_*`); the first step's loss and margin (`train_loss_first_step`,
+  `train_margin_first_step`: log 2 and 0 when the reference is the base, computed like the
+  policy); the policy's and the reference's dtypes (`policy_dtype`, `reference_dtype`).
+- Dtypes: the policy trains in float32. Reference log-probs computed in another dtype (a
+  ReferenceService run with RLHF_DTYPE=bfloat16) differ from the policy's own at step 0, so the
+  job starts off log 2 even from the reference itself; it trains on, logs a warning and
+  records both dtypes (and `dtype_matches_policy: false` in the manifest's `reference`).
+- A NaN or infinite loss, gradient norm or weight fails the job naming the step, before the
+  optimizer applies it and before anything is published (`rlhf.trainer.finite`).
 """
 
 from __future__ import annotations
@@ -133,7 +147,8 @@ def encode_pair(tokenizer, pair: Any, *, max_length: int,
 
     With a chat template the prompt is one user turn rendered with the generation prompt and each
     response is the assistant turn that follows it; without one the texts are concatenated
-    (prompt + response) and eos is appended. Either way the completion is what follows the
+    (prompt + response) and eos is appended unless the response text already ends with the eos
+    token (as TRL's DPOTrainer does). Either way the completion is what follows the
     longest common prefix of the prompt's and the full row's tokens (they differ only when
     tokens merge across the boundary), and each row is cut to `max_length` keeping its start.
     """
@@ -151,10 +166,16 @@ def encode_pair(tokenizer, pair: Any, *, max_length: int,
         full_r = render(user + [{"role": "assistant", "content": p.rejected}], False)
     else:
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+        eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+
+        def eos(response: str) -> list[int]:
+            if not append_eos or eos_id is None or (eos_text and response.endswith(eos_text)):
+                return []
+            return [eos_id]
+
         prompt_ids = enc(p.prompt)
-        full_c = enc(p.prompt + p.chosen) + eos
-        full_r = enc(p.prompt + p.rejected) + eos
+        full_c = enc(p.prompt + p.chosen) + eos(p.chosen)
+        full_r = enc(p.prompt + p.rejected) + eos(p.rejected)
     n = min(_common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r))
     if n < 1 or n >= max_length:
         return None
@@ -198,7 +219,7 @@ class ReferenceSource(Protocol):
 
     def sequence_logps(self, items: Sequence[Item]) -> list[float]: ...
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self) -> dict[str, Any]: ...  # "source", and the "dtype" that computed them
 
 
 class LocalReference:
@@ -211,6 +232,7 @@ class LocalReference:
         self.model_dir = Path(model_dir)
         self.model = model if model is not None else load_causal_lm(self.model_dir, device=device)
         self.model.requires_grad_(False)
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         cfg = self.model.config
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
@@ -234,7 +256,7 @@ class LocalReference:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "local", "model_dir": str(self.model_dir)}
+        return {"source": "local", "model_dir": str(self.model_dir), "dtype": self.dtype}
 
     def close(self) -> None:
         self.model = None
@@ -250,6 +272,7 @@ class ServiceReference:
         self.timeout = timeout
         self.own_client = own_client  # close() closes the client
         self.model: dict[str, str] | None = None  # name/version the service reported
+        self.dtype: str | None = None  # the dtype it computed in ("unknown": it did not say)
 
     def sequence_logps(self, items: Sequence[Item]) -> list[float]:
         out: list[float] = [0.0] * len(items)
@@ -259,17 +282,21 @@ class ServiceReference:
             res = self.client.logprobs([(list(items[i][0]), list(items[i][1])) for i in idx],
                                        timeout=self.timeout)
             ref = {"name": res.model.name, "version": res.model.version}
+            dtype = getattr(res, "dtype", "") or "unknown"
             if self.model is None:
-                self.model = ref
+                self.model, self.dtype = ref, dtype
             elif ref != self.model:
                 raise DPOError("the reference service changed version during the job: "
                                f"{self.model} -> {ref}")
+            elif dtype != self.dtype:
+                raise DPOError("the reference service changed dtype during the job: "
+                               f"{self.dtype} -> {dtype}")
             for i, r in zip(idx, res.results):
                 out[i] = float(r.sum)
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "service", "model": self.model}
+        return {"source": "service", "model": self.model, "dtype": self.dtype}
 
     def close(self) -> None:
         if self.own_client:
@@ -348,11 +375,15 @@ def batch_loss(model, pairs: Sequence[TokenizedPair], cfg: DPOLossConfig, *, pad
 
 def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]],
                cfg: DPOLossConfig, *, pad_id: int,
-               max_grad_norm: float | None = 1.0) -> dict[str, float]:
+               max_grad_norm: float | None = 1.0, step: int = 1,
+               total: int = 1) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation: each micro-batch's mean
     loss weighted 1/len(micro_batches)), clipping, AdamW; returns pair-weighted mean metrics
-    (and `grad_norm`, the norm before clipping, when clipping)."""
-    import torch
+    (and `grad_norm`, the norm before clipping, when clipping).
+
+    Raises `finite.TrainingDiverged` naming `step` (of `total`), before the optimizer applies
+    anything, when the loss or the gradient norm is NaN or infinite."""
+    from rlhf.trainer.finite import check_finite, grad_norm
 
     sums: dict[str, float] = {}
     n = 0
@@ -363,8 +394,10 @@ def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]
             sums[k] = sums.get(k, 0.0) + v * len(batch)
         n += len(batch)
     out = {k: v / n for k, v in sums.items()}
+    norm = grad_norm(model.parameters(), max_grad_norm)
     if max_grad_norm is not None:
-        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        out["grad_norm"] = norm
+    check_finite(step, total, loss=out.get("loss"), grad_norm=norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out
@@ -487,6 +520,7 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.models.tiny import quiet_progress_bars
+    from rlhf.trainer.finite import check_finite_weights
 
     t_start = time.perf_counter()
     tokenizer = load_tokenizer(base_dir, padding_side="right")
@@ -518,6 +552,16 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
     torch.manual_seed(spec.seed)
     model = load_causal_lm(base_dir, device=device)
     model.eval()  # no dropout: policy and reference log-probs are compared like for like
+    policy_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if spec.needs_reference:
+        ref_info["dtype"] = ref_info.get("dtype") or "unknown"
+        ref_info["dtype_matches_policy"] = ref_info["dtype"] == policy_dtype
+        if not ref_info["dtype_matches_policy"]:
+            log.warning("DPO reference log-probs were computed in %s but the policy trains in %s: "
+                        "the reference terms are not the policy's own at step 0 (the loss does not "
+                        "start at log 2 even from the reference checkpoint); serve the reference "
+                        "in %s to compare like for like", ref_info["dtype"], policy_dtype,
+                        policy_dtype)
     initial = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size) if held else {}
     opt = make_optimizer(model, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
                          weight_decay=spec.weight_decay)
@@ -529,6 +573,7 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
     order: list[int] = []
     seen: set[str] = set()
     last: dict[str, float] = {}
+    first: dict[str, float] = {}
     t_train = time.perf_counter()
     for step in range(1, total + 1):
         micro = []
@@ -541,13 +586,16 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
             del order[: spec.batch_size]
             seen.update(p.id for p in micro[-1])
         lr = opt.param_groups[0]["lr"]
-        last = train_step(model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm)
+        last = train_step(model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm,
+                          step=step, total=total)
+        first = first or dict(last)
         sched.step()
         if progress is not None:
             progress(step, total, {**{f"train_{k}": v for k, v in last.items()}, "lr": lr})
         if check is not None:
             check()
     train_s = time.perf_counter() - t_train
+    check_finite_weights(model, total, total)
 
     metrics: dict[str, Any] = {
         "train_pairs": len(train),
@@ -557,6 +605,9 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
         "loss_type": spec.loss_type,
         "beta": spec.beta,
         **{f"train_{k}": v for k, v in last.items()},
+        "train_loss_first_step": first.get("loss"),
+        "train_margin_first_step": first.get("margin"),
+        "policy_dtype": policy_dtype,
         "train_seconds": round(train_s, 3),
         "pairs_per_s": round(total * per_step / train_s, 2) if train_s > 0 else None,
     }
@@ -566,6 +617,7 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
         metrics.update({f"eval_{k}_initial": v for k, v in initial.items()})
     if spec.needs_reference:
         metrics["reference_seconds"] = ref_info["seconds"]
+        metrics["reference_dtype"] = ref_info["dtype"]
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
     if out_dir is not None:
         with quiet_progress_bars():

@@ -20,9 +20,14 @@ their sum: prompt tokens never count. The numbers equal a plain `model(ids).logi
   autograd function that recomputes each tile in backward instead of storing the `(N, vocab)`
   logits (the memory a large vocabulary would otherwise take).
 
-Models that cannot take a custom 4D mask (attention other than sdpa / eager, sliding windows)
-are run right-padded instead (a real token attends only to real tokens before it and keeps the
-position it has alone), split into a few forward passes of similar lengths (`length_groups`);
+A sliding window (Mistral's `sliding_window`, Qwen2's with `use_sliding_window`) is part of the
+packed mask: a token sees only keys whose position is less than the window before its own, as
+the model's own mask has it (a custom 4D mask is used as given, so the window must be in it).
+Models that cannot take a custom 4D mask (attention other than sdpa / eager), and models whose
+layers mix full and sliding attention when a sequence reaches past the window, are run
+right-padded instead (a real token attends only to real tokens before it and keeps the
+position it has alone; the model builds each layer's mask from the 2D one), split into a few
+forward passes of similar lengths (`length_groups`);
 models whose head does more than a linear projection (logit soft-capping, logit scaling) go
 through the model's own forward with `logits_to_keep`. All paths give the same values.
 """
@@ -220,18 +225,39 @@ def _simple_head(model) -> torch.nn.Linear | None:
     return head
 
 
-def _packable(model) -> bool:
-    """Whether the model takes a custom 4D mask with per-token positions (sdpa / eager
-    attention, no sliding window): the packed path's requirement."""
+def _pack_window(model, longest: int) -> tuple[bool, int | None]:
+    """Whether the packed path gives what a plain forward gives for sequences of at most
+    `longest` tokens, and the sliding window its mask must carry (None: plain causal).
+
+    The model must take a custom 4D mask with per-token positions (sdpa / eager attention); a
+    4D mask is used as given, so a sliding window the model would apply must be built into it.
+    A window no sequence reaches past (`longest` ≤ window: query and key are at most
+    `longest` − 1 apart) changes nothing. Past it, a model whose every layer slides (Mistral:
+    `sliding_window` and no `layer_types`; `layer_types` all "sliding_attention") packs with the
+    window in the mask; one that mixes full and sliding layers (Qwen2 with `max_window_layers`,
+    Gemma) or has other layer types is not packed.
+    """
     cfg = model.config
-    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
-        return False
-    if getattr(cfg, "use_sliding_window", False):
-        return False
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        return False
-    return True
+        return False, None
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None  # Qwen2-style configs keep the number while the window is off
+    types = set(getattr(cfg, "layer_types", None) or ())
+    if types - {"full_attention", "sliding_attention"}:
+        return False, None  # chunked / linear / other attention: not ours to mask
+    if types and "sliding_attention" not in types:
+        window = None  # every layer attends fully (Qwen2 with max_window_layers = layers)
+    if "sliding_attention" in types and not isinstance(window, int):
+        return False, None  # sliding layers with no window we can read
+    if window is None or longest <= window:
+        return True, None
+    if "full_attention" in types:
+        return False, None  # mixed layers: one 4D mask cannot be both; the padded path can
+    return True, int(window)
 
 
 @dataclass(frozen=True)
@@ -251,6 +277,7 @@ def pack_sequences(
     width: int,
     pad_id: int,
     share_prompts: bool = True,
+    sliding_window: int | None = None,
 ) -> tuple[PackedBatch, torch.Tensor]:
     """Pack rows into `(R, width)` with a block mask; returns the pack and per-row counts `(S,)`.
 
@@ -260,7 +287,9 @@ def pack_sequences(
     all of them (DPO's chosen and rejected; PPO's n samples per prompt). Units go into rows
     first-fit by decreasing length (a unit longer than `width` is split into several, each with
     its own copy of the prompt); pads attend only to themselves. The `src`/`targets` order is
-    the sequences' order, each completion's tokens in order.
+    the sequences' order, each completion's tokens in order. With `sliding_window` w a query
+    also sees only keys less than w positions before its own (position ids, as in the
+    sequence alone: the model's window rule `key > query − w`).
     """
     units: list[tuple[tuple[int, ...], list[int]]] = []  # (prompt, [sequence index ...])
     by_prompt: dict[tuple[int, ...], int] = {}
@@ -322,6 +351,8 @@ def pack_sequences(
     # the key is a prompt token, or a token of the query's own completion
     visible_part = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
     mask = causal[None] & same_unit & visible_part
+    if sliding_window is not None:
+        mask &= (pos[:, :, None] - pos[:, None, :]) < sliding_window  # (R, W, W)
     mask |= torch.eye(w, dtype=torch.bool)[None] & (seg[:, :, None] < 0)  # pads see themselves
     src = torch.tensor([x for lst in src_of for x in lst], dtype=torch.long)
     targets = torch.tensor([t for _, c in sequences for t in c], dtype=torch.long)
@@ -403,7 +434,8 @@ def completion_logprobs(
     `torch.inference_mode()` for a frozen reference. Results come back in the order given.
 
     Packed (the default, where the model allows it: a plain linear head, sdpa or eager
-    attention, no sliding window): sequences go into rows of `pack_width` tokens (default
+    attention, and no sliding window or one every layer uses; see `_pack_window`): sequences
+    go into rows of `pack_width` tokens (default
     `DEFAULT_PACK_WIDTH`, widened to the longest sequence and to a prompt with two of its
     completions) with a block mask, and sequences with the same prompt share one copy of it
     (`share_prompts`); only each packed row's tail is padding. Otherwise (or `pack=False`) rows
@@ -414,8 +446,9 @@ def completion_logprobs(
         raise ValueError("no sequences")
     head = _simple_head(model)
     counts = torch.tensor([len(c) for _, c in sequences], dtype=torch.long)
-    if pack and head is not None and _packable(model):
-        longest = max(len(p) + len(c) for p, c in sequences)
+    longest = max(len(p) + len(c) for p, c in sequences)
+    packable, window = _pack_window(model, longest) if pack and head is not None else (False, None)
+    if packable:
         unit: dict[tuple[int, ...], int] = {}  # prompt → prompt + all its completions
         for p, c in sequences:
             unit[tuple(p)] = unit.get(tuple(p), len(p)) + len(c)
@@ -423,7 +456,7 @@ def completion_logprobs(
         width = max(pack_width or DEFAULT_PACK_WIDTH, longest,
                     min(max(unit.values()), 2 * longest) if share_prompts else longest)
         packed, _ = pack_sequences(sequences, width=width, pad_id=pad_id,
-                                   share_prompts=share_prompts)
+                                   share_prompts=share_prompts, sliding_window=window)
         tokens = _forward_packed(model, packed, head)  # (N,) in row order
     else:
         lengths = [len(p) + len(c) for p, c in sequences]

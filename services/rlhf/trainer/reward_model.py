@@ -9,8 +9,10 @@ entries, activate if asked. The Celery task only calls it.
 
 Text is tokenized exactly as the reward service scores it (rlhf.reward.scorer): prompt and
 response encoded separately without special tokens and concatenated; the reward is the
-classifier's output at the last token. A sequence longer than `max_length` keeps its last
-`max_length` tokens (the reward is read at the end).
+classifier's output at the last token, whatever it is (`rlhf.models.reward_head`: a trailing eos
+that is also the pad id counts). A sequence longer than `max_length` keeps its last
+`max_length` tokens (the reward is read at the end). A NaN or infinite loss, gradient norm or
+weight fails the job naming the step, before anything is published (`rlhf.trainer.finite`).
 """
 
 from __future__ import annotations
@@ -85,14 +87,15 @@ def _rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device) -> "torc
     """Rewards `(N,)` of N token sequences in one right-padded forward pass."""
     import torch
 
+    from rlhf.models.reward_head import sequence_rewards
+
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-    scores = out.logits[:, 0]  # (N,)
+    scores = sequence_rewards(model, ids.to(device), mask.to(device))  # (N,)
     return scores.to(torch.promote_types(scores.dtype, torch.float32))  # loss in ≥ fp32
 
 
@@ -172,6 +175,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
 
     from rlhf.models.loading import load_reward_model, load_tokenizer, max_context
     from rlhf.models.tiny import quiet_progress_bars
+    from rlhf.trainer.finite import check_finite, check_finite_weights, grad_norm
 
     if not train_pairs:
         raise DataError("no training pairs")
@@ -200,7 +204,6 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
     rng = random.Random(spec.seed)
     step = 0
     last_loss = last_acc = float("nan")
-    grad_norm = None
     t0 = time.perf_counter()
     for _epoch in range(spec.epochs):
         order = list(range(n))
@@ -209,18 +212,20 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
         for g in range(0, len(batches), spec.grad_accum_steps):
             group = [[train_enc[i] for i in b] for b in batches[g:g + spec.grad_accum_steps]]
             last_loss, last_acc = accumulate_gradients(model, group, pad_id, dev)
-            if spec.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
+            step += 1
+            norm = grad_norm(params, spec.max_grad_norm)  # clips when max_grad_norm is set
+            check_finite(step, total_steps, loss=last_loss, grad_norm=norm)  # before the update
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             if on_step is not None:
+                clipped = {"grad_norm": norm} if spec.max_grad_norm is not None else {}
                 on_step(step, total_steps, {"train_loss": last_loss, "train_accuracy": last_acc,
-                                            **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+                                            **clipped})
             if check is not None:
                 check()
     seconds = time.perf_counter() - t0
+    check_finite_weights(model, step, total_steps)  # before anything is saved
     final = evaluate(model, eval_enc, pad_id, dev)
     model.eval()
     out = Path(out_dir)
