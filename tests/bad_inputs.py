@@ -23,6 +23,8 @@ def bad_generate_inputs(max_context: int, vocab_size: int, max_new_tokens_limit:
          dict(prompts=ok, params=SamplingParams(max_new_tokens=max_new_tokens_limit + 1)), "max_new_tokens"),
         ("temperature NaN", dict(prompts=ok, params=SamplingParams(temperature=float("nan"))), "temperature"),
         ("temperature negative", dict(prompts=ok, params=SamplingParams(temperature=-0.5)), "temperature"),
+        ("temperature above two", dict(prompts=ok, params=SamplingParams(temperature=2.5)), "temperature"),
+        ("temperature infinite", dict(prompts=ok, params=SamplingParams(temperature=float("inf"))), "temperature"),
         ("top_p zero", dict(prompts=ok, params=SamplingParams(top_p=0.0)), "top_p"),
         ("top_p above one", dict(prompts=ok, params=SamplingParams(top_p=1.5)), "top_p"),
         ("top_p NaN", dict(prompts=ok, params=SamplingParams(top_p=float("nan"))), "top_p"),

@@ -53,20 +53,25 @@ def _request(cls, prompts: Sequence[PromptLike], params: SamplingParams | None, 
     return req
 
 
+def _completion(c: policy_pb2.Completion) -> Completion:
+    # the wire carries the trajectory only when a reset made it differ from the kept part
+    reset = len(c.trajectory_token_ids) > 0
+    return Completion(
+        prompt_index=c.prompt_index,
+        sample_index=c.sample_index,
+        text=c.text,
+        token_ids=list(c.token_ids),
+        logprobs=list(c.logprobs),
+        finish_reason=FinishReason(c.finish_reason),
+        prompt_token_ids=list(c.prompt_token_ids),
+        trajectory_token_ids=list(c.trajectory_token_ids if reset else c.token_ids),
+        trajectory_logprobs=list(c.trajectory_logprobs if reset else c.logprobs),
+    )
+
+
 def _result(resp: policy_pb2.GenerateResponse) -> GenerateResult:
     return GenerateResult(
-        completions=[
-            Completion(
-                prompt_index=c.prompt_index,
-                sample_index=c.sample_index,
-                text=c.text,
-                token_ids=list(c.token_ids),
-                logprobs=list(c.logprobs),
-                finish_reason=FinishReason(c.finish_reason),
-                prompt_token_ids=list(c.prompt_token_ids),
-            )
-            for c in resp.completions
-        ],
+        completions=[_completion(c) for c in resp.completions],
         model=model_ref(resp.model),
     )
 
@@ -82,6 +87,9 @@ def _chunk(c: policy_pb2.GenerateStreamResponse) -> StreamChunk:
         reset=c.reset,
         prompt_token_ids=list(c.prompt_token_ids),
         model=model_ref(c.model),
+        dropped_token_ids=list(c.dropped_token_ids),
+        dropped_logprobs=list(c.dropped_logprobs),
+        kept_logprobs=list(c.kept_logprobs),
     )
 
 

@@ -48,6 +48,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Completion:
+    """One sample. `token_ids` / `text` are the kept part (after the last reset token) and
+    `logprobs` their log-probs in the kept context (prompt + kept tokens before each). The
+    trajectory is everything generated (reset tokens and discarded text included) with each
+    token's log-prob as sampled: what RL trains on. Without a reset both views are the same."""
+
     prompt_index: int
     sample_index: int
     text: str
@@ -55,6 +60,13 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     prompt_token_ids: list[int]
+    trajectory_token_ids: list[int] = field(default_factory=list)
+    trajectory_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def reset(self) -> bool:
+        """Whether a reset token discarded part of the trajectory."""
+        return len(self.trajectory_token_ids) != len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class StreamChunk:
+    """The next piece of one completion (see GenerateStreamResponse in policy.proto):
+    `assemble_stream` turns a stream's chunks into the completions the unary call returns."""
+
     prompt_index: int
     sample_index: int
     text: str
@@ -74,6 +89,9 @@ class StreamChunk:
     reset: bool
     prompt_token_ids: list[int]
     model: ModelRef
+    dropped_token_ids: list[int] = field(default_factory=list)
+    dropped_logprobs: list[float] = field(default_factory=list)
+    kept_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,24 +108,34 @@ class _Acc:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     prompt_token_ids: list[int] = field(default_factory=list)
+    trajectory_token_ids: list[int] = field(default_factory=list)
+    trajectory_logprobs: list[float] = field(default_factory=list)
 
 
 def assemble_stream(chunks) -> list[Completion]:
-    """Concatenate a stream's chunks into completions (honours `reset`), ordered like unary."""
+    """Concatenate a stream's chunks into completions (honours `reset`), ordered like unary:
+    the kept part from token_ids / text (a reset drops what came before), the trajectory from
+    dropped_token_ids + token_ids, and a last chunk's kept_logprobs replacing the kept part's
+    log-probs as sampled."""
     acc: dict[tuple[int, int], _Acc] = {}
     for c in chunks:
         a = acc.setdefault((c.prompt_index, c.sample_index), _Acc())
+        a.trajectory_token_ids += list(c.dropped_token_ids) + list(c.token_ids)
+        a.trajectory_logprobs += list(c.dropped_logprobs) + list(c.logprobs)
         if c.reset:
             a.text, a.token_ids, a.logprobs = "", [], []
         a.text += c.text
         a.token_ids += c.token_ids
         a.logprobs += c.logprobs
+        if c.kept_logprobs:
+            a.logprobs = list(c.kept_logprobs)
         if c.prompt_token_ids:
             a.prompt_token_ids = list(c.prompt_token_ids)
         if c.finish_reason:
             a.finish_reason = c.finish_reason
     return [
-        Completion(i, j, a.text, a.token_ids, a.logprobs, a.finish_reason, a.prompt_token_ids)
+        Completion(i, j, a.text, a.token_ids, a.logprobs, a.finish_reason, a.prompt_token_ids,
+                   a.trajectory_token_ids, a.trajectory_logprobs)
         for (i, j), a in sorted(acc.items())
     ]
 
@@ -143,7 +171,9 @@ class SequenceLogProbs:
 
 @dataclass(frozen=True)
 class LogProbsResult:
-    """One SequenceLogProbs per item, in request order, and the version that produced them."""
+    """One SequenceLogProbs per item, in request order, the version that produced them, and the
+    dtype its weights computed them in ("" from a service that does not say)."""
 
     results: list[SequenceLogProbs]
     model: ModelRef
+    dtype: str = ""

@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ADMIN_TOKEN, VLLM_SETTINGS, ThreadedApp, make_settings
+from helpers import ADMIN_TOKEN, TEST_REDIS, VLLM_SETTINGS, ThreadedApp, make_settings
 
 from rlhf_client import PolicyClient, RewardClient, RpcError, SamplingParams
 from rlhf_client.registry import Registry
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = f"{TEST_REDIS}/0"
 POLL_S = 0.02
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 PROMPTS = ["the cat sat on the", "a good dog", "please pass the red"]

@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 import pytest
 from bad_inputs import bad_generate_inputs
-from helpers import ADMIN_TOKEN, make_settings, running, status_of, teacher_forced_logprobs
+from helpers import ADMIN_TOKEN, check_backtracking, make_settings, running, status_of, teacher_forced_logprobs
 
 from rlhf_client import AsyncPolicyClient, FinishReason, PolicyClient, RpcError, SamplingParams, assemble_stream
 
@@ -130,13 +130,31 @@ def test_reset_token_keeps_what_follows_the_last_one(client, tiny_policy_dir):
     params = SamplingParams(temperature=0.0, max_new_tokens=24, return_logprobs=True, reset_token=reset)
     c = client.generate(PROMPTS[:1], params).completions[0]
     assert c.token_ids == ids[last + 1 :]
-    assert c.logprobs == base.completions[0].logprobs[last + 1 :]
+    assert c.trajectory_token_ids == ids and c.trajectory_logprobs == base.completions[0].logprobs
     assert c.text == tok.decode(ids[last + 1 :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     streamed = assemble_stream(client.generate_stream(PROMPTS[:1], params))
-    assert streamed[0].token_ids == c.token_ids and streamed[0].text == c.text
+    assert streamed == [c]
     assert status_of(client.generate, PROMPTS[:1], SamplingParams(reset_token="two words here"))[0] == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
+
+
+def test_backtracking_logprobs_and_stop_strings(client, tiny_policy_dir, reference_model):
+    """Trajectory and kept log-probs each equal a teacher-forced forward of their own context;
+    stop strings are matched on the kept text (see helpers.check_backtracking)."""
+    from rlhf.models.loading import load_tokenizer
+
+    worst = check_backtracking(client, load_tokenizer(tiny_policy_dir), reference_model, PROMPTS)
+    assert worst["trajectory"] < 1e-4 and worst["kept"] < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+def test_tiny_temperatures_are_greedy(client, temperature):
+    """Below 1e-5 the temperature is greedy (1e-45 arrives as float32's smallest subnormal)."""
+    greedy = client.generate(PROMPTS, GREEDY).completions
+    tiny = client.generate(PROMPTS, SamplingParams(temperature=temperature, max_new_tokens=16, seed=5,
+                                                   return_logprobs=True)).completions
+    assert tiny == greedy
 
 
 @pytest.mark.parametrize(

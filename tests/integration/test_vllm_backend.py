@@ -24,7 +24,20 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from bad_inputs import bad_generate_inputs  # noqa: E402
-from helpers import ADMIN_TOKEN, VLLM_SETTINGS, ThreadedApp, make_settings, status_of, teacher_forced_logprobs  # noqa: E402
+from helpers import (  # noqa: E402
+    ADMIN_TOKEN,
+    P_VALUE_MIN,
+    SAMPLING_SETTINGS,
+    VLLM_SETTINGS,
+    ThreadedApp,
+    check_backtracking,
+    chi_square_p_value,
+    make_settings,
+    next_token_logits,
+    sampling_distribution,
+    status_of,
+    teacher_forced_logprobs,
+)
 
 from rlhf_client import (  # noqa: E402
     AsyncPolicyClient,
@@ -299,6 +312,60 @@ def test_reset_token_matches_the_transformers_backend(vllm, hf, tiny_tokenizer):
     assert _comparable([got]) == _comparable([want])
     last = len(ids) - 1 - ids[::-1].index(reset_id)
     assert got.token_ids == ids[last + 1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# what is sampled: the distribution, greedy at tiny temperatures, backtracking
+# ------------------------------------------------------------------------------------------------
+
+FREQUENCY_REQUESTS, FREQUENCY_N = 8, 256  # 2048 one-token samples per setting
+
+
+@pytest.mark.parametrize("setting", SAMPLING_SETTINGS, ids=[f"T{t}-k{k}-p{p}" for t, k, p in SAMPLING_SETTINGS])
+def test_token_frequencies_follow_the_filtered_softmax(vllm_server, reference_model, setting):
+    """Many seeded one-token samples of one context: their frequencies fit softmax(logits / T)
+    restricted to top-k, then top-p (float64, the naive way), and no token outside that set is
+    ever drawn (the transformers backend is held to the same test in test_hf_engine.py)."""
+    temperature, top_k, top_p = setting
+
+    async def draw():
+        async with AsyncPolicyClient(vllm_server.target, timeout=120) as c:
+            calls = [
+                c.generate(PROMPTS[:1], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                       max_new_tokens=1, seed=1000 + r), n=FREQUENCY_N)
+                for r in range(FREQUENCY_REQUESTS)
+            ]
+            return [comp for res in await asyncio.gather(*calls) for comp in res.completions]
+
+    completions = asyncio.run(draw())
+    probs = sampling_distribution(next_token_logits(reference_model, completions[0].prompt_token_ids),
+                                  temperature, top_k, top_p)
+    drawn = torch.tensor([c.token_ids[0] for c in completions])
+    assert len(drawn) == FREQUENCY_REQUESTS * FREQUENCY_N
+    outside = sorted(set(drawn[probs[drawn] == 0].tolist()))
+    assert not outside, f"drew tokens outside the kept set: {outside}"
+    p_value, chi2, dof = chi_square_p_value(torch.bincount(drawn, minlength=probs.numel()), probs)
+    assert p_value > P_VALUE_MIN, (p_value, chi2, dof)
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+def test_tiny_temperatures_are_greedy(vllm, temperature):
+    """Below 1e-5 the temperature is greedy (vLLM would raise it to 1e-2 and sample); 1e-45
+    arrives as float32's smallest subnormal."""
+    greedy = vllm.generate(PROMPTS, GREEDY)
+    tiny = vllm.generate(PROMPTS, SamplingParams(temperature=temperature, max_new_tokens=GREEDY.max_new_tokens,
+                                                 seed=5, return_logprobs=True))
+    assert _comparable(tiny.completions) == _comparable(greedy.completions)
+    for t, g in zip(tiny.completions, greedy.completions):
+        assert _max_diff(t.logprobs, g.logprobs) < 1e-4
+
+
+def test_backtracking_logprobs_and_stop_strings(vllm, tiny_tokenizer, reference_model):
+    """Trajectory and kept log-probs each equal a teacher-forced forward of their own context
+    (the kept ones from vLLM's prompt log-probs); stop strings are matched on the kept text, so
+    vLLM's own stop check (whole output text) is not used with a reset token."""
+    worst = check_backtracking(vllm, tiny_tokenizer, reference_model, PROMPTS)
+    assert worst["trajectory"] < 1e-4 and worst["kept"] < 1e-4, worst
 
 
 # ------------------------------------------------------------------------------------------------

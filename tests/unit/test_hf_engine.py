@@ -13,6 +13,13 @@ import shutil
 import time
 
 import pytest
+from helpers import (
+    P_VALUE_MIN,
+    SAMPLING_SETTINGS,
+    chi_square_p_value,
+    next_token_logits,
+    sampling_distribution,
+)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -425,3 +432,51 @@ async def test_late_requests_join_the_running_batch(engine, reference_models, pr
     long = await long_task
     want_long = naive_greedy(reference_models[V1], prompt_ids[2], 150, min_new_tokens=150)
     assert long[(0, 0)][0] == want_long
+
+
+# ------------------------------------------------------------------------------------------------
+# what is sampled: the distribution, and greedy at tiny temperatures
+# ------------------------------------------------------------------------------------------------
+
+FREQUENCY_SAMPLES = 4000  # single-token samples per setting (about 0.3 s each, batched)
+
+
+@pytest.fixture(scope="module")
+async def wide_engine(model_dirs):
+    """An engine whose batches hold hundreds of single-token samples (the frequency tests)."""
+    eng = HFEngine(Settings(batch_max_wait_ms=30, batch_max_size=1024), model_dirs[0], V1)
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+@pytest.mark.parametrize("setting", SAMPLING_SETTINGS, ids=[f"T{t}-k{k}-p{p}" for t, k, p in SAMPLING_SETTINGS])
+async def test_token_frequencies_follow_the_filtered_softmax(wide_engine, reference_models, prompt_ids, setting):
+    """Many seeded one-token samples of one context: their frequencies fit softmax(logits / T)
+    restricted to top-k, then top-p (float64, computed the naive way), and no token outside
+    that set is ever drawn."""
+    temperature, top_k, top_p = setting
+    prompt = prompt_ids[0]
+    probs = sampling_distribution(next_token_logits(reference_models[V1], prompt), temperature, top_k, top_p)
+    params = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    specs = [SampleSpec(0, j, prompt, 10_000 + j) for j in range(FREQUENCY_SAMPLES)]
+    got = await collect(wide_engine, specs, params)
+    drawn = torch.tensor([ids[0] for ids, _, _, _ in got.values()])
+    outside = sorted(set(drawn[probs[drawn] == 0].tolist()))
+    assert not outside, f"drew tokens outside the kept set: {outside}"
+    p_value, chi2, dof = chi_square_p_value(torch.bincount(drawn, minlength=probs.numel()), probs)
+    assert p_value > P_VALUE_MIN, (p_value, chi2, dof)
+
+
+FLOAT32_SUBNORMAL = float(torch.tensor(1e-45, dtype=torch.float32))  # 1.4e-45, the smallest
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, FLOAT32_SUBNORMAL])
+async def test_tiny_temperatures_are_greedy(engine, prompt_ids, temperature):
+    """T below 1e-5 is greedy (decided by SamplingConfig.greedy): no NaN from logits / T."""
+    params = SamplingConfig(max_new_tokens=12, temperature=temperature, return_logprobs=True)
+    got = await collect(engine, specs_for(prompt_ids, seed=3), params)
+    want = await collect(engine, specs_for(prompt_ids), SamplingConfig(max_new_tokens=12, temperature=0.0,
+                                                                        return_logprobs=True))
+    assert {k: v[:3] for k, v in got.items()} == {k: v[:3] for k, v in want.items()}
+    assert params.greedy and not SamplingConfig(max_new_tokens=1, temperature=1e-5).greedy

@@ -50,7 +50,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("prompt_index", "sample_index", "text", "token_ids", "logprobs", "finish_reason", "prompt_token_ids")
+    __slots__ = ("prompt_index", "sample_index", "text", "token_ids", "logprobs", "finish_reason", "prompt_token_ids", "trajectory_token_ids", "trajectory_logprobs")
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class Completion(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAJECTORY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAJECTORY_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt_index: int
     sample_index: int
     text: str
@@ -65,7 +67,9 @@ class Completion(_message.Message):
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     finish_reason: _common_pb2.FinishReason
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    trajectory_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    trajectory_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., trajectory_token_ids: _Optional[_Iterable[int]] = ..., trajectory_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("completions", "model")
@@ -86,7 +90,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("prompt_index", "sample_index", "text", "token_ids", "logprobs", "finish_reason", "reset", "prompt_token_ids", "model")
+    __slots__ = ("prompt_index", "sample_index", "text", "token_ids", "logprobs", "finish_reason", "reset", "prompt_token_ids", "model", "dropped_token_ids", "dropped_logprobs", "kept_logprobs")
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +100,9 @@ class GenerateStreamResponse(_message.Message):
     RESET_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt_index: int
     sample_index: int
     text: str
@@ -105,4 +112,7 @@ class GenerateStreamResponse(_message.Message):
     reset: bool
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: _common_pb2.ModelRef
-    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., reset: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    dropped_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    dropped_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    kept_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, prompt_index: _Optional[int] = ..., sample_index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., reset: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dropped_token_ids: _Optional[_Iterable[int]] = ..., dropped_logprobs: _Optional[_Iterable[float]] = ..., kept_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -4,6 +4,13 @@ It validates a request (raising `InvalidArgument` naming the field), tokenizes t
 expands `n` into per-sample specs with their own seeds, and turns the engine's raw token deltas
 into completions: text decoded from the tokens, cut before the first stop string, and
 `reset_token` backtracking (keep only what follows the last reset token).
+
+Backtracking keeps two views of a sample (see `Completion`): the trajectory (every generated
+token with its log-prob as sampled) and the kept part (after the last reset token). The kept
+part's log-probs must be those of its own context (prompt + kept tokens), which differ from the
+sampled ones once text was discarded: engines recompute them on the generating model and hand
+them over on the sample's last delta (`SampleDelta.kept_logprobs`). Stop strings are matched on
+the kept text, by the engines (which stop there) and here (which cut there).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from rlhf.policy.types import (
     sample_seed,
 )
 from rlhf.serving.metrics import GENERATED_TOKENS
+
+#: The highest temperature a request may ask for (both backends).
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +78,24 @@ class _SampleState:
     """Everything received so far for one sample, and what was already streamed."""
 
     prompt_ids: list[int]
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the trajectory
+    logprobs: list[float] = field(default_factory=list)  # the trajectory's, as sampled
     base: int = 0  # index just after the last reset token
     sent: int = 0  # tokens already streamed
     emitted: str = ""  # text already streamed
     finish: Finish | None = None
     started: bool = False
+    kept_logprobs: list[float] | None = None  # recomputed by the engine after a reset
+
+    def kept_part_logprobs(self, config: SamplingConfig) -> list[float]:
+        """Log-probs of the kept tokens in the kept context (empty unless asked)."""
+        if not config.return_logprobs:
+            return []
+        if self.base == 0:  # no reset: the context is the same as when they were sampled
+            return self.logprobs
+        if self.kept_logprobs is None or len(self.kept_logprobs) != len(self.ids) - self.base:
+            raise RuntimeError("the engine did not recompute the log-probs of a reset sample")
+        return self.kept_logprobs
 
 
 class Generator:
@@ -136,8 +157,10 @@ class Generator:
     def _sampling(self, req: GenerateInput, vocab: int) -> SamplingConfig:
         s = self.settings
         temperature = 1.0 if req.temperature is None else req.temperature
-        if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument("params.temperature", f"must be a finite number ≥ 0, got {temperature}")
+        # [0, 2] on every backend: vLLM refuses more, and so does the OpenAI API people port from
+        if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+            raise InvalidArgument("params.temperature",
+                                  f"must be a number in [0, {MAX_TEMPERATURE:g}], got {temperature}")
         top_p = 1.0 if req.top_p is None else req.top_p
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise InvalidArgument("params.top_p", f"must be in (0, 1], got {top_p}")
@@ -198,9 +221,11 @@ class Generator:
                     sample_index=j,
                     text=text,
                     token_ids=st.ids[st.base:],
-                    logprobs=st.logprobs[st.base:] if config.return_logprobs else [],
+                    logprobs=list(st.kept_part_logprobs(config)),
                     finish=st.finish or Finish.ABORT,
                     prompt_token_ids=st.prompt_ids,
+                    trajectory_token_ids=list(st.ids),
+                    trajectory_logprobs=list(st.logprobs) if config.return_logprobs else [],
                 )
             )
         return out, ref
@@ -228,6 +253,8 @@ class Generator:
         st.logprobs.extend(delta.logprobs)
         if delta.finish is not None:
             st.finish = delta.finish
+        if delta.kept_logprobs is not None:
+            st.kept_logprobs = list(delta.kept_logprobs)
         if config.reset_token_id is not None and config.reset_token_id in delta.token_ids:
             last = max(k for k in range(start, len(st.ids)) if st.ids[k] == config.reset_token_id)
             st.base = last + 1
@@ -235,11 +262,18 @@ class Generator:
         return False
 
     def _chunk(self, st, delta, reset: bool, hold: int, config) -> StreamChunk | None:
-        if reset:
+        dropped_ids: list[int] = []
+        dropped_lps: list[float] = []
+        if reset:  # what arrived before (and with) the last reset token leaves the kept part
+            dropped_ids = st.ids[st.sent:st.base]
+            dropped_lps = st.logprobs[st.sent:st.base] if config.return_logprobs else []
             st.sent, st.emitted = st.base, ""
         new_ids = st.ids[st.sent:]
         new_lps = st.logprobs[st.sent:] if config.return_logprobs else []
         st.sent = len(st.ids)
+        kept_lps: list[float] = []
+        if st.finish is not None and st.base > 0:
+            kept_lps = list(st.kept_part_logprobs(config))
         full = _decode(self.engine.tokenizer, st.ids[st.base:])
         if st.finish is not None:
             visible, _ = _cut_at_stop(full, config.stop)
@@ -263,4 +297,7 @@ class Generator:
             finish=st.finish,
             reset=reset,
             prompt_token_ids=st.prompt_ids if first else [],
+            dropped_token_ids=dropped_ids,
+            dropped_logprobs=dropped_lps,
+            kept_logprobs=kept_lps,
         )

@@ -56,6 +56,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     logprobs=c.logprobs,
                     finish_reason=int(c.finish),
                     prompt_token_ids=c.prompt_token_ids,
+                    # the trajectory goes on the wire only where it differs from the kept part
+                    trajectory_token_ids=c.trajectory_token_ids if c.reset else [],
+                    trajectory_logprobs=c.trajectory_logprobs if c.reset else [],
                 )
                 for c in completions
             ],
@@ -74,6 +77,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 reset=chunk.reset,
                 prompt_token_ids=chunk.prompt_token_ids,
                 model=model_ref_pb(ref),
+                dropped_token_ids=chunk.dropped_token_ids,
+                dropped_logprobs=chunk.dropped_logprobs,
+                kept_logprobs=chunk.kept_logprobs,
             )
 
     async def GetModel(self, request, context):

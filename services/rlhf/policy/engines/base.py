@@ -8,8 +8,15 @@ Contract every engine keeps (tests hold both backends to it):
   one with `finish` set: EOS (model eos token, included in token_ids), STOP (a stop id, included;
   or a stop string in the decoded text), LENGTH (max_new_tokens), ABORT (cancelled).
 - eos and stop ids cannot end a sample before `min_new_tokens` tokens.
+- greedy is `params.greedy` (temperature below 1e-5, 0 included); otherwise tokens are drawn
+  from softmax(logits / T) restricted to the top-k tokens and then to the smallest nucleus
+  (by descending probability) whose mass reaches top-p.
 - log-probs are log π(token | context) under the raw model distribution (temperature 1, before
   top-k / top-p), equal to a teacher-forced forward pass of the same checkpoint.
+- with `params.reset_token_id`: stop strings are matched on the text after the last reset token
+  only; and when log-probs are asked and a sample contains the reset token, its last delta
+  carries `kept_logprobs` (the tokens after the last reset token, teacher-forced with the prompt
+  and those tokens only as context) computed on the model that generated the sample.
 - a sample with a seed draws the same tokens every time it is asked with that seed.
 - when the consumer stops iterating (client cancelled, deadline passed), the engine stops all
   work for those samples.

@@ -17,6 +17,11 @@ batches) always runs entirely on one model. `load_version` loads the new model b
 in another thread and swaps by one assignment on the loop; requests already admitted finish on
 the old model, which is freed when the last of them is done. Every delta names the version
 that produced it in `delta.ref`.
+
+Backtracking: a row tracks where its kept part starts (after its last `reset_token_id`) and
+matches stop strings on that text only. When it finishes with a reset in it and log-probs were
+asked, one teacher-forced forward of prompt + kept tokens (same model, in the worker thread)
+gives the kept part's log-probs in its own context (`SampleDelta.kept_logprobs`).
 """
 
 from __future__ import annotations
@@ -141,10 +146,12 @@ class _Seq:
 
 
 def _delta(
-    seq: _Seq, tokens: list[int], logprobs: list[float], finish: Finish | None
+    seq: _Seq, tokens: list[int], logprobs: list[float], finish: Finish | None,
+    kept_logprobs: list[float] | None = None,
 ) -> SampleDelta:
     spec, ref = seq.spec, seq.request.loaded.ref  # the version that produced the tokens
-    return SampleDelta(spec.prompt_index, spec.sample_index, tokens, logprobs, finish, ref=ref)
+    return SampleDelta(spec.prompt_index, spec.sample_index, tokens, logprobs, finish, ref=ref,
+                       kept_logprobs=kept_logprobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,6 +166,7 @@ class _Row:
         self.seq = seq
         self.params = seq.request.params
         self.tokens: list[int] = []
+        self.kept_from = 0  # index just after the last reset token: the kept part starts there
         self.stop_ids = frozenset(self.params.stop_token_ids)
         # ids that may not be chosen before min_new_tokens exist (in the vocabulary only)
         vocab = loaded.info.vocab_size
@@ -179,6 +187,8 @@ class _Row:
         """Append `token`; the reason to stop now, or None to go on."""
         self.tokens.append(token)
         p = self.params
+        if token == p.reset_token_id:
+            self.kept_from = len(self.tokens)
         if token in loaded.eos_ids:
             return Finish.EOS
         if token in self.stop_ids:
@@ -192,12 +202,34 @@ class _Row:
         return None
 
     def _stop_string_hit(self, tokenizer) -> bool:
-        # Decoded in full each step: a byte-level token may complete a character that an
-        # earlier token began, so a suffix decode could miss a stop string.
+        # The kept part (after the last reset token) decoded in full each step: text a reset
+        # discarded never stops a sample, and a byte-level token may complete a character that
+        # an earlier token began, so a suffix decode could miss a stop string.
         text = tokenizer.decode(
-            self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            self.tokens[self.kept_from:], skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
         )
         return any(s in text for s in self.params.stop)
+
+    def kept_logprobs(self, loaded: _Loaded) -> list[float] | None:
+        """After a reset (log-probs asked): the kept tokens' log-probs in their own context."""
+        if not (self.params.return_logprobs and self.kept_from):
+            return None
+        return _teacher_forced(loaded, self.seq.spec.prompt_ids, self.tokens[self.kept_from:])
+
+
+def _teacher_forced(
+    loaded: _Loaded, prompt: Sequence[int], completion: Sequence[int]
+) -> list[float]:
+    """log π(completion[k] | prompt + completion[:k]): one forward pass of prompt + completion."""
+    if not completion:
+        return []
+    ids = torch.tensor([list(prompt) + list(completion)], dtype=torch.long, device=loaded.device)
+    # the logits at the last len(completion) + 1 positions; the final one predicts nothing asked
+    out = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=len(completion) + 1)
+    logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+    target = torch.tensor(list(completion), dtype=torch.long, device=loaded.device)
+    return logprobs.gather(1, target[:, None]).squeeze(1).tolist()
 
 
 def _choice_logits(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -664,7 +696,8 @@ def _generate_steps(
             if row.cancelled:
                 continue
             finish = row.finish_after(t, loaded)
-            out.append((row.seq.request, _delta(row.seq, [t], [lp], finish)))
+            kept = row.kept_logprobs(loaded) if finish is not None else None
+            out.append((row.seq.request, _delta(row.seq, [t], [lp], finish, kept)))
             if finish is None:
                 keep.append(i)
         yield out, len(batch.rows), len(keep)

@@ -25,7 +25,15 @@ How the contract of `base.py` is kept:
   only a second line: its incremental detokenizer holds back an incomplete UTF-8 sequence that
   a full decode shows as U+FFFD (it can only find a stop string later, never earlier), and it
   ignores a stop string completed within the first `min_tokens` tokens, which the transformers
-  backend honours — so the stop strings go to vLLM only when `min_new_tokens == 0`.
+  backend honours — so the stop strings go to vLLM only when `min_new_tokens == 0`. With a
+  reset token, stop strings are matched on the kept text (after the last reset token), which
+  vLLM's check (on its whole output text) cannot do: they are not given to vLLM then.
+- Greedy: `SamplingConfig.greedy` (T < 1e-5) is sent as temperature 0. vLLM itself raises any
+  temperature in (0, 1e-2) to 1e-2 (a warning, then it samples), so a tiny T never reaches it.
+- Backtracking: when a sample with log-probs asked contains the reset token, its last delta
+  carries the kept part's log-probs in the kept context (`SampleDelta.kept_logprobs`): vLLM's
+  prompt log-probs of prompt + kept tokens on the same engine (`_score`), before the call ends,
+  so on the weights that generated the sample.
 - Cancellation: when the consumer stops iterating `generate()` (the async generator is
   closed, or its task cancelled), every unfinished sample is aborted in vLLM
   (`AsyncLLM.abort`), which removes it from the scheduler. `num_unfinished()` (requests the
@@ -43,10 +51,14 @@ How the contract of `base.py` is kept:
   last call is done.
 
 Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
-reads or writes environment variables. On CPU the KV-cache space is the engine arg
-`kv_cache_memory_bytes` (the equivalent of `VLLM_CPU_KVCACHE_SPACE`), set from
-`vllm_kv_cache_space_gb`; without it `vllm_gpu_memory_utilization` sizes the cache (a fraction
-of RAM on CPU). vLLM's CPU platform itself starts its engine processes with `spawn`, so a
+reads or writes environment variables. KV-cache size (`kv_cache_plan`, logged at start): an
+explicit `vllm_kv_cache_space_gb` is the engine arg `kv_cache_memory_bytes` (on CPU the
+equivalent of `VLLM_CPU_KVCACHE_SPACE`), an explicit `vllm_gpu_memory_utilization` is passed as
+it is; with neither, a GPU gets vLLM's default (0.9 of GPU memory), and the CPU build — where
+that fraction is read as a fraction of RAM, 0.9 of which vLLM refuses to reserve on a machine
+doing anything else — gets the cache sized from the model (`plan_kv_cache`). On CPU the memory
+is checked before vLLM starts, so a cache that cannot fit fails with a `StartupError` naming the
+setting to change. vLLM's CPU platform itself starts its engine processes with `spawn`, so a
 script that starts this engine must guard its entry point with `if __name__ == "__main__"`.
 """
 
@@ -55,16 +67,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from rlhf.config import Settings
-from rlhf.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from rlhf.errors import FailedPrecondition, InvalidArgument, ServiceError, StartupError, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
 
@@ -97,9 +111,15 @@ _SHAPE_FIELDS = (
 # ------------------------------------------------------------------------------------------------
 
 
-def engine_args(settings: Settings, model_dir: str | Path) -> "AsyncEngineArgs":
-    """vLLM engine arguments for `model_dir` from the settings (the benchmark reuses them)."""
+def engine_args(settings: Settings, model_dir: str | Path,
+                plan: "KVCachePlan | None" = None) -> "AsyncEngineArgs":
+    """vLLM engine arguments for `model_dir` from the settings (the benchmark reuses them).
+
+    `plan`: the KV-cache size (`kv_cache_plan(settings, model_dir)` when not given)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if plan is None:
+        plan = kv_cache_plan(settings, model_dir)
 
     kwargs: dict = dict(
         model=str(model_dir),
@@ -117,11 +137,170 @@ def engine_args(settings: Settings, model_dir: str | Path) -> "AsyncEngineArgs":
         # vLLM's periodic stats log off (our own stat logger still receives scheduler stats)
         disable_log_stats=True,
     )
-    if settings.vllm_kv_cache_space_gb is not None:
-        kwargs["kv_cache_memory_bytes"] = int(settings.vllm_kv_cache_space_gb * GiB)
-    else:
-        kwargs["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
+    kwargs.update(plan.engine_kwargs)
     return AsyncEngineArgs(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV-cache size
+# ------------------------------------------------------------------------------------------------
+
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default, kept on GPUs
+KV_CACHE_MAX_SEQS = 32  # the CPU default holds at most this many full-context sequences ...
+KV_CACHE_RAM_FRACTION = 0.5  # ... in at most this share of the RAM left after the weights
+KV_BLOCK_TOKENS = 128  # vLLM's CPU KV-cache block: a sequence takes whole blocks
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+_SIZE_SETTINGS = ("vllm_kv_cache_space_gb", "vllm_max_model_len")
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """How big the KV cache is, as vLLM engine kwargs, and why (for the log)."""
+
+    engine_kwargs: dict
+    reason: str
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+def dtype_bytes(dtype: str, config: dict) -> int:
+    """Bytes per value of `dtype` ("auto": the checkpoint's own, float32 when it states none)."""
+    if dtype == "auto":
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return _DTYPE_BYTES.get(dtype.removeprefix("torch."), 4)
+
+
+def kv_cache_bytes_per_token(config: dict, dtype: str) -> int:
+    """KV-cache bytes one token takes: layers × kv heads × head_dim × dtype bytes × 2 (K and V)."""
+    cfg = config if "num_hidden_layers" in config else config.get("text_config", config)
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    return int(cfg["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes(dtype, config) * 2
+
+
+def plan_kv_cache(
+    *,
+    on_cpu: bool,
+    kv_cache_space_gb: float | None,
+    gpu_memory_utilization: float | None,
+    bytes_per_token: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    total_bytes: int,
+    available_bytes: int,
+    weights_bytes: int,
+) -> KVCachePlan:
+    """The KV-cache size vLLM gets (a pure function; `kv_cache_plan` gathers its inputs).
+
+    Explicit settings win: `kv_cache_space_gb`, then `gpu_memory_utilization`. Without either,
+    a GPU keeps vLLM's default (0.9 of GPU memory); on CPU the cache holds
+    min(max_num_seqs, KV_CACHE_MAX_SEQS) sequences of `max_model_len` tokens (in whole blocks),
+    but takes at most KV_CACHE_RAM_FRACTION of the memory available after the weights.
+    `total_bytes` / `available_bytes` are the memory vLLM's CPU worker counts (its NUMA node);
+    they are only read on CPU. Raises `StartupError` (naming the settings to change) when the
+    cache cannot hold one `max_model_len` sequence or cannot fit in the memory available.
+    """
+    seq_bytes = bytes_per_token * -(-max_model_len // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    one_seq = f"one sequence of {max_model_len} tokens needs {_gib(seq_bytes)}"
+    if kv_cache_space_gb is not None:
+        size = int(kv_cache_space_gb * GiB)
+        if on_cpu:
+            free = available_bytes - weights_bytes
+            if size > free:
+                raise StartupError(
+                    f"vLLM: not enough memory for the KV cache: {_gib(size)} asked, "
+                    f"{_gib(max(free, 0))} available after the weights ({_gib(weights_bytes)})",
+                    "vllm_kv_cache_space_gb",
+                )
+            if size < seq_bytes:
+                raise StartupError(f"vLLM: a KV cache of {_gib(size)} is too small: {one_seq}",
+                                   *_SIZE_SETTINGS)
+        return KVCachePlan({"kv_cache_memory_bytes": size},
+                           f"{_gib(size)}, set by vllm_kv_cache_space_gb")
+    if gpu_memory_utilization is not None:
+        if on_cpu and gpu_memory_utilization * total_bytes > available_bytes:
+            raise StartupError(
+                f"vLLM: not enough memory: gpu_memory_utilization {gpu_memory_utilization} asks for "
+                f"{_gib(gpu_memory_utilization * total_bytes)} of RAM on the CPU build, "
+                f"{_gib(available_bytes)} available",
+                "vllm_gpu_memory_utilization", "vllm_kv_cache_space_gb",
+            )
+        return KVCachePlan({"gpu_memory_utilization": gpu_memory_utilization},
+                           f"gpu_memory_utilization {gpu_memory_utilization}, as set")
+    if not on_cpu:
+        return KVCachePlan({"gpu_memory_utilization": GPU_MEMORY_UTILIZATION},
+                           f"gpu_memory_utilization {GPU_MEMORY_UTILIZATION} (vLLM's GPU default)")
+    seqs = max(1, min(max_num_seqs, KV_CACHE_MAX_SEQS))
+    want = seq_bytes * seqs
+    budget = int(KV_CACHE_RAM_FRACTION * (available_bytes - weights_bytes))
+    if budget < seq_bytes:
+        raise StartupError(
+            f"vLLM: not enough memory for the KV cache: {one_seq}, {_gib(max(budget, 0))} can be "
+            f"spared ({KV_CACHE_RAM_FRACTION:g} of the {_gib(available_bytes)} available less the "
+            f"weights' {_gib(weights_bytes)})",
+            *_SIZE_SETTINGS,
+        )
+    sized = (f"{seqs} sequences of {max_model_len} tokens × {bytes_per_token} bytes/token "
+             f"(min(max_num_seqs {max_num_seqs}, {KV_CACHE_MAX_SEQS}))")
+    if want <= budget:
+        return KVCachePlan({"kv_cache_memory_bytes": want}, f"{_gib(want)}, room for {sized}")
+    return KVCachePlan(
+        {"kv_cache_memory_bytes": budget},
+        f"{_gib(budget)}: {KV_CACHE_RAM_FRACTION:g} of the {_gib(available_bytes)} available after "
+        f"the weights ({_gib(weights_bytes)}); {sized} would need {_gib(want)}",
+    )
+
+
+def _cpu_memory() -> tuple[int, int]:
+    """(total, available) bytes as vLLM's CPU worker counts them: the memory node it binds to."""
+    from vllm.utils.cpu_resource_utils import (
+        get_allowed_cpu_list,
+        get_memory_node_info,
+        get_visible_memory_node,
+    )
+
+    nodes = get_visible_memory_node()
+    node = get_allowed_cpu_list()[0].numa_node
+    info = get_memory_node_info(node if node in nodes or not nodes else nodes[0])
+    return int(info.total_memory), int(info.available_memory)
+
+
+def _weights_bytes(model_dir: Path, config: dict, dtype: str) -> int:
+    """The weights' size in memory: the safetensors files, scaled to the serving dtype."""
+    on_disk = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    stored = dtype_bytes("auto", config)
+    return on_disk * dtype_bytes(dtype, config) // stored
+
+
+def kv_cache_plan(settings: Settings, model_dir: str | Path) -> KVCachePlan:
+    """`plan_kv_cache` for `model_dir` on this machine (reads the config, RAM on CPU)."""
+    from vllm.platforms import current_platform
+
+    config = _config_json(Path(model_dir))
+    on_cpu = current_platform.is_cpu()
+    total = available = weights = 0
+    if on_cpu:
+        total, available = _cpu_memory()
+        weights = _weights_bytes(Path(model_dir), config, settings.dtype)
+    max_len = settings.vllm_max_model_len
+    if max_len is None:
+        from rlhf.models.loading import max_context
+
+        max_len = max_context(SimpleNamespace(**config))
+    return plan_kv_cache(
+        on_cpu=on_cpu,
+        kv_cache_space_gb=settings.vllm_kv_cache_space_gb,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        bytes_per_token=kv_cache_bytes_per_token(config, settings.dtype),
+        max_model_len=max_len,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        total_bytes=total,
+        available_bytes=available,
+        weights_bytes=weights,
+    )
 
 
 def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: int, vocab_size: int,
@@ -137,7 +316,9 @@ def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: 
     stop = list(config.stop) if (config.stop and engine_stops) else None
     return SamplingParams(
         n=1,
-        temperature=config.temperature,
+        # greedy is decided once, by SamplingConfig (T < 1e-5): vLLM would raise a tiny T to
+        # 1e-2 before its own greedy check, and sample
+        temperature=0.0 if config.greedy else config.temperature,
         top_p=config.top_p,
         top_k=config.top_k if 0 < config.top_k < vocab_size else 0,  # 0 = off, as in hf.py
         seed=None if config.greedy else spec.seed,
@@ -342,13 +523,26 @@ class VLLMEngine:
         # Imported and built in a thread so the loop keeps serving (health answers NOT_SERVING)
         # while vLLM starts its engine processes; AsyncLLM binds its output handler and sockets
         # to the loop lazily, at the first request, which comes from the loop.
-        def build() -> "AsyncLLM":
+        # The engine comes back in `built`, not as the thread's return value: an import vLLM
+        # makes inside this call can keep a frame of the worker thread alive, and with it what
+        # the call returned, so the AsyncLLM would outlive close() and shut down at the
+        # interpreter's exit, on torn-down modules (a traceback on every SIGTERM).
+        built: dict[str, "AsyncLLM"] = {}
+
+        def build() -> None:
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            args = engine_args(self._settings, model_dir)
-            return AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(counts)])
+            plan = kv_cache_plan(self._settings, model_dir)  # StartupError when it cannot fit
+            log.info("vllm KV cache for %s/%s: %s", ref.name, ref.version, plan.reason)
+            args = engine_args(self._settings, model_dir, plan)
+            try:
+                built["llm"] = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(counts)])
+            except Exception as exc:  # vLLM's engine processes log the cause themselves
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StartupError(f"vLLM: the engine did not start: {first}") from exc
 
-        llm = await asyncio.to_thread(build)
+        await asyncio.to_thread(build)
+        llm = built.pop("llm")
         info = ModelInfo(
             ref=ref,
             backend="vllm",
@@ -542,29 +736,38 @@ class VLLMEngine:
         for task in list(self._background):
             task.cancel()
         await asyncio.sleep(0)  # let cancelled pumps run their cleanup
-        for loaded in list(self._engines):
-            self._stop_engine(loaded)
+        while self._engines:
+            self._stop_engine(self._engines[-1])
         self._current = None
         if self._open is not None:
             self._open.set()
+        # An AsyncLLM sits in reference cycles: free it now, while vLLM's modules are whole; left
+        # to the interpreter's exit, its __del__ runs on torn-down modules and prints a traceback.
+        gc.collect()
 
     # -------------------------------------------------------------- one call
     def _submit(self, loaded: _Loaded, samples: Sequence[SampleSpec], params: SamplingConfig) -> _Call:
         """Start one vLLM request per sample on `loaded`."""
         from vllm.inputs.engine import tokens_input
 
+        info = loaded.info
+        # vLLM matches stop strings on its whole output text: with a reset token, text a reset
+        # discarded could stop the sample, so only our own check (on the kept text) runs then
+        engine_stops = params.min_new_tokens == 0 and params.reset_token_id is None
+        own_stops = params.stop  # checked here too, exactly as the transformers backend does
+        try:  # every sample's parameters first: a refusal starts nothing and leaks nothing
+            sps = [sampling_params(spec, params, max_model_len=info.max_context,
+                                   vocab_size=info.vocab_size, engine_stops=engine_stops)
+                   for spec in samples]
+        except ValueError as exc:  # vLLM's own validation (the generator checks first)
+            raise InvalidArgument("params", f"vLLM refused the sampling parameters: {exc}") from None
         call = _Call(loaded)
         self._calls.add(call)
         loaded.calls += 1
-        info = loaded.info
-        engine_stops = params.min_new_tokens == 0
-        own_stops = params.stop  # checked here too, exactly as the transformers backend does
-        for spec in samples:
+        for spec, sp in zip(samples, sps):
             rid = f"{self._prefix}-{next(self._ids)}"
-            sp = sampling_params(spec, params, max_model_len=info.max_context, vocab_size=info.vocab_size,
-                                 engine_stops=engine_stops)
             prompt = tokens_input(list(spec.prompt_ids))
-            pump = self._pump(call, rid, spec, prompt, sp, own_stops)
+            pump = self._pump(call, rid, spec, prompt, sp, own_stops, params)
             call.tasks[rid] = asyncio.create_task(pump, name=f"vllm-{rid}")
         return call
 
@@ -598,13 +801,13 @@ class VLLMEngine:
 
     # -------------------------------------------------------------- one sample
     async def _pump(self, call: _Call, rid: str, spec: SampleSpec, prompt, sp,
-                    own_stops: tuple[str, ...]) -> None:
+                    own_stops: tuple[str, ...], params: SamplingConfig) -> None:
         """Turn one vLLM request's outputs into `SampleDelta`s on the call's queue."""
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         llm, ref = call.loaded.llm, call.loaded.ref
-        tokens: list[int] = []  # the completion so far, kept when the request has stop strings
+        tokens: list[int] = []  # the sample's tokens so far (its whole trajectory)
         last: int | None = None  # the last token so far
         try:
             async with contextlib.aclosing(llm.generate(prompt, sp, rid)) as outputs:
@@ -617,17 +820,25 @@ class VLLMEngine:
                     if own_stops and finish is not Finish.ABORT:
                         # a stop string ends the sample at the token completing it; on the last
                         # token an eos / stop id comes first (as in hf.py), LENGTH after it
-                        cut = self._own_stop(tokens, ids, own_stops)
+                        cut = self._own_stop(tokens, ids, own_stops, params.reset_token_id)
                         if cut is not None and (cut < len(ids) or finish in (None, Finish.LENGTH)):
                             ids, lps, finish = ids[:cut], lps[:cut], Finish.STOP
-                    delta = SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, finish, ref)
-                    call.queue.put_nowait(delta)
-                    if finish is not None:
-                        if not out.finished:  # stopped here, not in the engine: abort it there
-                            await llm.abort(rid)
-                        return
+                    else:
+                        tokens.extend(ids)
+                    if finish is None:
+                        call.queue.put_nowait(
+                            SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, None, ref))
+                        continue
+                    if not out.finished:  # stopped here, not in the engine: abort it there
+                        await llm.abort(rid)
+                    kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
+                    call.queue.put_nowait(SampleDelta(
+                        spec.prompt_index, spec.sample_index, ids, lps, finish, ref, kept))
+                    return
             # the stream ended without a finish reason: report the sample aborted
-            aborted = SampleDelta(spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref)
+            kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
+            aborted = SampleDelta(
+                spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref, kept)
             call.queue.put_nowait(aborted)
         except asyncio.CancelledError:
             raise
@@ -655,18 +866,66 @@ class VLLMEngine:
             return Finish.ABORT
         raise Unavailable(f"the vLLM engine ended a sample with {reason!r}")
 
-    def _own_stop(self, tokens: list[int], ids: list[int], stops: tuple[str, ...]) -> int | None:
+    def _own_stop(self, tokens: list[int], ids: list[int], stops: tuple[str, ...],
+                  reset_id: int | None) -> int | None:
         """Append `ids` to `tokens`; the number of `ids` to keep when a stop string completed.
 
-        Decoded in full each token, as the transformers backend does, so both backends stop at
-        the same token (a byte-level token may complete a character an earlier one began).
+        The kept part (after the last reset token) is decoded in full each token, as the
+        transformers backend does, so both backends stop at the same token (a byte-level token
+        may complete a character an earlier one began) and discarded text never stops a sample.
         """
         for k, t in enumerate(ids):
             tokens.append(t)
             text = self._tokenizer.decode(
-                tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                tokens[_kept_from(tokens, reset_id):], skip_special_tokens=True,
+                clean_up_tokenization_spaces=False,
             )
             if any(s in text for s in stops):
                 return k + 1
         return None
+
+    async def _kept_logprobs(self, llm: "AsyncLLM", rid: str, spec: SampleSpec, tokens: list[int],
+                             params: SamplingConfig) -> list[float] | None:
+        """After a reset (log-probs asked): the kept tokens' log-probs in their own context."""
+        if not params.return_logprobs:
+            return None
+        start = _kept_from(tokens, params.reset_token_id)
+        if start == 0:
+            return None
+        return await _score(llm, f"{rid}-kept", spec.prompt_ids, tokens[start:])
+
+
+def _kept_from(tokens: list[int], reset_id: int | None) -> int:
+    """Index just after the last reset token in `tokens` (0 when there is none)."""
+    if reset_id is None or reset_id not in tokens:
+        return 0
+    return len(tokens) - tokens[::-1].index(reset_id)
+
+
+async def _score(
+    llm: "AsyncLLM", rid: str, prompt: Sequence[int], completion: Sequence[int]
+) -> list[float]:
+    """log π(completion[k] | prompt + completion[:k]) on `llm`: a teacher-forced forward.
+
+    vLLM's prompt log-probs of prompt + completion (one request, one token generated and
+    ignored). They are computed from the raw logits whatever `logprobs_mode` is (no sampling
+    processors touch prompt positions), and asking for them makes vLLM skip its prefix cache.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs.engine import tokens_input
+    from vllm.sampling_params import RequestOutputKind
+
+    if not completion:
+        return []
+    ids = list(prompt) + list(completion)
+    sp = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                        output_kind=RequestOutputKind.FINAL_ONLY)
+    final = None
+    async with contextlib.aclosing(llm.generate(tokens_input(ids), sp, rid)) as outputs:
+        async for out in outputs:
+            final = out
+    if final is None or final.prompt_logprobs is None:
+        raise Unavailable("the vLLM engine returned no prompt log-probs")
+    # prompt_logprobs[i]: {token id: Logprob} of ids[i] given ids[:i] (None at i = 0)
+    return [final.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt), len(ids))]
 
