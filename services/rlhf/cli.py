@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from rlhf import __version__
@@ -69,15 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add(sp, _SERVE_FLAGS)
         if name == "policy":
             _add(sp, _VLLM_FLAGS)
+        _add_debug(sp)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     demo.add_argument("--pairs", type=int, default=300, help="synthetic preference pairs to push")
+    _add_debug(demo)
 
     from rlhf.trainer.cli import add_parsers as add_trainer_parsers
 
     add_trainer_parsers(sub)  # worker, jobs, models
+    _add_debug(sub.choices["worker"])
     return p
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="on failure print the traceback (default: one line naming the cause)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -101,13 +110,10 @@ def setup_logging(level: str) -> None:
 
 
 def _serve(args) -> int:
-    from pydantic import ValidationError
-
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as exc:
-        print(f"rlhf serve: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    prog = f"rlhf serve {args.service}"
+    settings = _settings_or_exit_code(prog, args)
+    if isinstance(settings, int):
+        return settings
     setup_logging(settings.log_level)
     logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
     if settings.torch_threads is not None:
@@ -120,8 +126,101 @@ def _serve(args) -> int:
         from rlhf.reward.app import make_reward_app as make
     else:
         from rlhf.reference.app import make_reference_app as make
-    asyncio.run(make(settings).run_forever())
+    app = None
+    try:
+        app = make(settings)
+        asyncio.run(app.run_forever())
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported as one line (the traceback with --debug)
+        return _report(prog, exc, args.debug, started=app is not None and app.started)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures as one line: the cause and the setting to change
+# ------------------------------------------------------------------------------------------------
+
+_SECRET_FIELDS = ("auth_token", "admin_token", "redis_url")
+_MAX_LINE = 600
+
+
+def _flags() -> dict[str, str]:
+    """Settings field → its CLI flag."""
+    from rlhf.trainer.cli import _COMMON, _WORKER
+
+    out: dict[str, str] = {}
+    for names, kwargs in [*_SERVE_FLAGS, *_VLLM_FLAGS, *_COMMON, *_WORKER]:
+        out.setdefault(kwargs["dest"], names[0])
+    return out
+
+
+def setting_hint(fields) -> str:
+    """"set --port / RLHF_PORT or --host / RLHF_HOST" for the given Settings fields."""
+    flags = _flags()
+    ways = [f"{flags[f]} / RLHF_{f.upper()}" if f in flags else f"RLHF_{f.upper()}" for f in fields]
+    return f"set {' or '.join(ways)}" if ways else ""
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 1] + "…"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failure: a StartupError's cause and settings; otherwise the exception's
+    type and first line."""
+    from rlhf.errors import StartupError
+
+    if isinstance(exc, StartupError):
+        hint = setting_hint(exc.settings)
+        return _one_line(f"{exc.cause} ({hint})" if hint else exc.cause)
+    import redis
+
+    if isinstance(exc, redis.ConnectionError):
+        return _one_line(f"Redis is unreachable ({exc}) ({setting_hint(['redis_url'])})")
+    first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return _one_line(f"{text} (run with --debug for the traceback)")
+
+
+def _report(prog: str, exc: BaseException, debug: bool, *, started: bool = False) -> int:
+    """Print the failure as one line on stderr (after the traceback with --debug); exit code 1."""
+    if debug:
+        traceback.print_exception(exc)
+    logging.shutdown()  # flush log lines first: the cause is the last line
+    print(f"{prog}: {'failed' if started else 'cannot start'}: {describe_failure(exc)}", file=sys.stderr)
+    return 1
+
+
+def _settings_or_exit_code(prog: str, args):
+    """The settings, or exit code 2 after one line naming each bad setting."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return settings_from_args(args)
+    except ValidationError as exc:
+        print(f"{prog}: {describe_validation(exc)}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"{prog}: invalid settings: {_one_line(str(exc))}", file=sys.stderr)
+    return 2
+
+
+def describe_validation(exc) -> str:
+    """A pydantic ValidationError of Settings as one line: each bad value, why, what to set."""
+    problems, fields = [], []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        field = str(err["loc"][0]) if err.get("loc") else None
+        if field is None:
+            problems.append(msg)
+            continue
+        fields.append(field)
+        value = "***" if field in _SECRET_FIELDS else repr(err.get("input"))
+        problems.append(f"{field}={value}: {msg}")
+    hint = setting_hint(dict.fromkeys(fields))
+    return _one_line(f"invalid setting: {'; '.join(problems)}" + (f" ({hint})" if hint else ""))
 
 
 def _tiny(args) -> int:
@@ -133,33 +232,59 @@ def _tiny(args) -> int:
 
 
 def _demo(args) -> int:
-    from rlhf.demo import run_demo
+    import redis
 
-    return run_demo(args)
+    from rlhf.demo import REDIS_URL, run_demo
+    from rlhf.errors import StartupError
+
+    try:
+        return run_demo(args)
+    except KeyboardInterrupt:
+        return 130
+    except redis.ConnectionError as exc:
+        cause = StartupError(f"Redis at {REDIS_URL} is unreachable ({exc}); the demo needs a local "
+                             "redis-server there")
+        cause.__traceback__ = exc.__traceback__
+        return _report("rlhf demo", cause, args.debug, started=True)
+    except Exception as exc:  # noqa: BLE001 - reported as one line (the traceback with --debug)
+        return _report("rlhf demo", exc, args.debug, started=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo}
-    if args.command in ("worker", "jobs", "models"):
+    if args.command in ("worker", "worker-probe", "jobs", "models"):
         return _trainer(args)
     return handlers[args.command](args)
 
 
 def _trainer(args) -> int:
-    from pydantic import ValidationError
-
     from rlhf.trainer.cli import HANDLERS
 
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as exc:
-        print(f"rlhf {args.command}: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    prog = f"rlhf {args.command}"
+    settings = _settings_or_exit_code(prog, args)
+    if isinstance(settings, int):
+        return settings
     setup_logging(settings.log_level if args.command == "worker" else "WARNING")
-    if args.command == "worker":
-        logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
-    return HANDLERS[args.command](args, settings)
+    if args.command != "worker":
+        import redis
+
+        try:
+            return HANDLERS[args.command](args, settings)
+        except redis.ConnectionError as exc:  # Redis unreachable: one line; anything else raises
+            return _report(prog, exc, False, started=True)
+    logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
+    started = False
+    try:
+        from rlhf.serving.server import check_bindable
+
+        check_bindable(settings.host, settings.metrics_port, "metrics_port", what="metrics: ")
+        started = True
+        return HANDLERS[args.command](args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported as one line (the traceback with --debug)
+        return _report(prog, exc, args.debug, started=started)
 
 
 if __name__ == "__main__":

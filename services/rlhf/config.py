@@ -66,11 +66,16 @@ class Settings(BaseSettings):
 
     # --- vLLM engine ---------------------------------------------------------------------------
     vllm_max_model_len: int | None = Field(None, gt=0, description="Engine context length.")
-    vllm_gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="GPU memory fraction (on CPU builds: fraction of RAM)."
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="GPU memory fraction vLLM may use (on CPU builds: fraction of RAM). Unset: "
+        "0.9 on a GPU; on the CPU build the KV cache is sized from the model instead.",
     )
     vllm_kv_cache_space_gb: float | None = Field(
-        None, gt=0, description="CPU build: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)."
+        None, gt=0,
+        description="KV-cache space in GiB (on CPU: VLLM_CPU_KVCACHE_SPACE). Unset on the CPU "
+        "build: room for the context length × min(max_num_seqs, 32) sequences, at most half "
+        "the RAM left after the weights.",
     )
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="Tensor-parallel GPUs.")
     vllm_enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
@@ -116,6 +121,36 @@ class Settings(BaseSettings):
     )
     queue_metrics_interval_s: float = Field(
         15.0, gt=0, description="Worker: seconds between queue-depth metric refreshes."
+    )
+
+    # --- trainer: Redis outages, the reaper, temp dirs, probes (rlhf.trainer) -------------------
+    job_redis_wait_s: float = Field(
+        600.0, gt=0,
+        description="A running job whose Redis goes away keeps training and waits this long "
+        "(backoff capped at 10 s) for it to come back at each step that needs it; past that it "
+        "gives its Celery message back for redelivery.",
+    )
+    job_reap_interval_s: float = Field(
+        60.0, ge=0,
+        description="Worker main process: seconds between reaper passes (re-queue jobs whose "
+        "Celery message was lost; remove dead attempts' temp dirs). 0 disables the loop.",
+    )
+    job_reap_grace_s: float = Field(
+        120.0, gt=0,
+        description="The reaper re-queues a queued/running job only when its record has not "
+        "changed for this long (and its lease is gone, and no message for it exists).",
+    )
+    job_tmp_dir: Path | None = Field(
+        None, description="Root of the jobs' per-attempt temp dirs (checkpoints before publish); "
+        "unset: <system temp dir>/rlhf-jobs.",
+    )
+    worker_heartbeat_file: Path | None = Field(
+        None, description="Worker main process: heartbeat file `rlhf worker-probe` checks "
+        "(liveness / readiness probes); unset: none written.",
+    )
+    worker_heartbeat_s: float = Field(
+        10.0, gt=0, description="Worker: seconds between heartbeat writes; a heartbeat older "
+        "than 3 × this is stale.",
     )
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 Code below the servicers raises these; the serving interceptor turns each into its status code.
 Any other exception reaching the interceptor is a bug and is reported as INTERNAL (never UNKNOWN).
+`StartupError` is the exception: a process that cannot start raises it for the CLI to print.
 """
 
 from __future__ import annotations
@@ -51,3 +52,21 @@ class Unauthenticated(ServiceError):
 
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
+
+
+class StartupError(Exception):
+    """A process cannot start for a reason its user can fix (not a gRPC status).
+
+    `cause` says what is wrong; `settings` names the `Settings` fields to change. The CLI prints
+    it as one line: `rlhf serve policy: cannot start: <cause> (set --flag / RLHF_FIELD)`.
+    """
+
+    def __init__(self, cause: str, *settings: str):
+        super().__init__(cause)
+        self.cause = cause
+        self.settings = settings
+
+    def __str__(self) -> str:
+        if not self.settings:
+            return self.cause
+        return f"{self.cause} (set {' or '.join('RLHF_' + s.upper() for s in self.settings)})"

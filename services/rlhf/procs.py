@@ -73,7 +73,9 @@ def start_service(service: str, args: list[str], log_path: Path, *, env: dict[st
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{service} exited with {proc.returncode}; log: {log_path}\n{log_path.read_text()[-3000:]}")
+            text = log_path.read_text()
+            last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
+            raise RuntimeError(f"{service} exited with {proc.returncode}: {last} (log: {log_path})\n{text[-3000:]}")
         if health_status(sp.target) == health_pb2.HealthCheckResponse.SERVING:
             return sp
         time.sleep(POLL_S)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from rlhf.config import Settings
+from rlhf.errors import StartupError
 from rlhf.models.info import ModelInfo, ModelRef
 from rlhf.serving.metrics import set_active_model
 from rlhf.serving.server import ModelServer, ServiceBinding
@@ -26,24 +28,52 @@ class ServedModel(Protocol):
 
 def resolve_model(settings: Settings) -> tuple[Path, ModelRef]:
     """The directory and ref a service starts on: `model_dir` (pinned), or the registry's active
-    version of `model_name` in the store (followed afterwards, see ServiceApp)."""
+    version of `model_name` in the store (followed afterwards, see ServiceApp). `StartupError`
+    naming the setting to change when there is none."""
     if settings.model_name is not None:
+        import redis
+
         from rlhf_client.registry import Registry
 
         name = settings.model_name
-        version = Registry.from_url(settings.redis_url.get_secret_value()).active(name)
+        url = settings.redis_url.get_secret_value()
+        try:
+            registry = Registry.from_url(url)
+        except ValueError as exc:
+            raise StartupError(str(exc), "redis_url") from exc
+        try:
+            version = registry.active(name)
+        except (redis.RedisError, OSError) as exc:
+            raise StartupError(f"Redis at {redact_url(url)} is unreachable ({exc})", "redis_url") from exc
+        finally:
+            registry.r.close()
         if version is None:
-            raise SystemExit(f"--model-name {name}: the registry has no active version of it")
+            raise StartupError(f"model {name!r} has no active version in the registry at "
+                               f"{redact_url(url)}", "model_name")
         model_dir = Path(settings.store_dir) / name / version
         if not model_dir.is_dir():
-            raise SystemExit(f"--model-name {name}: active version {version} is not in {settings.store_dir}")
+            raise StartupError(f"model {name!r}: its active version {version} is not in the store "
+                               f"{settings.store_dir}", "store_dir")
         return model_dir, ModelRef(name, version)
     if settings.model_dir is None:
-        raise SystemExit("no model: pass --model DIR or --model-name NAME")
+        raise StartupError("no model to serve", "model_dir", "model_name")
     model_dir = Path(settings.model_dir)
+    if not model_dir.is_dir():
+        raise StartupError(f"model directory {model_dir} does not exist", "model_dir")
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"--model {model_dir}: not a Hugging Face model directory (no config.json)")
+        raise StartupError(f"model directory {model_dir} has no config.json (not a Hugging Face "
+                           "model directory)", "model_dir")
     return model_dir, pinned_ref(model_dir)
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 class ServiceApp:
@@ -55,6 +85,7 @@ class ServiceApp:
         self.label = label
         self.model = model
         self.server = ModelServer(settings, label, bindings)
+        self.started = False  # True once start() has returned (SERVING)
         self.follower = None
         if settings.model_name is not None and swapper is not None:
             from rlhf.serving.follow import RegistryFollower
@@ -72,15 +103,41 @@ class ServiceApp:
         return self.server.metrics_port
 
     async def start(self) -> int:
-        port = await self.server.start()
-        await self.model.start()
-        ref = self.model.info.ref
-        set_active_model(self.label, ref.name, ref.version)
-        if self.follower is not None:
-            self.follower.start()
-        await self.server.set_serving(True)
+        """Bind, load, serve. On any failure what was started is stopped before the error
+        propagates (server shut down, engine closed), so nothing is left for the loop's end."""
+        try:
+            port = await self.server.start()
+            await self._start_model()
+            ref = self.model.info.ref
+            set_active_model(self.label, ref.name, ref.version)
+            if self.follower is not None:
+                self.follower.start()
+            await self.server.set_serving(True)
+        except BaseException:
+            await self._clean_up_failed_start()
+            raise
+        self.started = True
         log.info("%s serving %s@%s on port %d", self.label, ref.name, ref.version, port)
         return port
+
+    async def _start_model(self) -> None:
+        from rlhf.models.loading import CheckpointNotFound, UnsafeCheckpoint
+
+        try:
+            await self.model.start()
+        except (UnsafeCheckpoint, CheckpointNotFound) as exc:  # the checkpoint, not the code
+            source = "model_name" if self.settings.model_name is not None else "model_dir"
+            raise StartupError(f"cannot load the model: {exc}", source) from exc
+
+    async def _clean_up_failed_start(self) -> None:
+        for step in (self.follower.stop if self.follower is not None else None,
+                     lambda: self.server.drain(0), self.model.close):
+            if step is None:
+                continue
+            try:
+                await step()
+            except Exception:  # noqa: BLE001 - the start-up error is the one to report
+                log.debug("clean-up after a failed start failed", exc_info=True)
 
     async def stop(self, grace: float | None = None) -> None:
         if self.follower is not None:

@@ -8,8 +8,10 @@ flips health to NOT_SERVING first, then `stop(grace)` lets in-flight RPCs finish
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from rlhf.config import Settings
+from rlhf.errors import StartupError
 from rlhf.serving.interceptors import ServiceInterceptor
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,43 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Let clients ping every 10 s without GOAWAY too_many_pings (clients use 30 s).
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # A port already in use is an error: without this, gRPC's SO_REUSEPORT lets a second
+        # server bind the port of a running one and the kernel splits connections between them.
+        ("grpc.so_reuseport", 0),
     ]
+
+
+def bind_problem(host: str, port: int) -> tuple[str, str] | None:
+    """Why `host:port` cannot be bound for listening, and whether the host or the port is at
+    fault ("host" / "port"); None when it can (port 0: whether the host can).
+
+    A probe with a plain socket: it tells the causes apart, where gRPC only says it failed."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"host {host!r} does not resolve ({exc.strerror})", "host"
+    for family, type_, proto, _, addr in infos:
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use", "port"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"{host} is not an address of this machine", "host"
+                if exc.errno == errno.EACCES:
+                    return f"port {port} needs privileges to bind", "port"
+                return f"cannot bind {host}:{port} ({exc.strerror})", "port"
+    return None
+
+
+def check_bindable(host: str, port: int | None, port_setting: str = "port", *, what: str = "") -> None:
+    """`StartupError` naming the setting to change when `host:port` cannot be bound."""
+    problem = bind_problem(host, port) if port is not None else None
+    if problem is not None:
+        message, culprit = problem
+        raise StartupError(f"{what}{message}", port_setting if culprit == "port" else "host")
 
 
 @dataclass
@@ -85,16 +124,29 @@ class ModelServer:
                  reflection.SERVICE_NAME],
                 server,
             )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        check_bindable(s.host, s.port)  # gRPC itself only logs that binding failed
+        check_bindable(s.host, s.metrics_port, "metrics_port", what="metrics: ")
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:  # lost a race for the port since the check
+            check_bindable(s.host, s.port)
+            raise StartupError(f"cannot bind {s.host}:{s.port}", "port", "host")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host)
+            try:
+                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host)
+            except OSError as exc:
+                self._server = None
+                await server.stop(None)
+                check_bindable(s.host, s.metrics_port, "metrics_port", what="metrics: ")
+                raise StartupError(f"metrics: cannot listen on {s.host}:{s.metrics_port} ({exc.strerror})",
+                                   "metrics_port") from exc
             self.metrics_port = self._metrics_http.server_port
         log.info("%s listening on %s:%d (metrics %s)", self.label, s.host, self.port, self.metrics_port)
         return self.port
