@@ -101,6 +101,10 @@ class ThreadedApp:
         return self.app.metrics_port
 
     @property
+    def http_port(self) -> int | None:
+        return self.app.http_port
+
+    @property
     def target(self) -> str:
         return f"127.0.0.1:{self.app.port}"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 from rlhfpb.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -18,7 +18,9 @@ from rlhf_client.types import (
     SwapResult,
 )
 
-PromptLike = str | Sequence[int]
+#: A prompt: text, token ids, or a conversation as [{"role": ..., "content": ...}, ...]
+#: (rendered by the server with the model's chat template).
+PromptLike = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 
 def _params_pb(p: SamplingParams) -> policy_pb2.SamplingParams:
@@ -38,6 +40,13 @@ def _params_pb(p: SamplingParams) -> policy_pb2.SamplingParams:
 def _prompt_pb(prompt: PromptLike) -> policy_pb2.Prompt:
     if isinstance(prompt, str):
         return policy_pb2.Prompt(text=prompt)
+    if prompt and all(isinstance(m, Mapping) for m in prompt):
+        msg = policy_pb2.Prompt()
+        msg.chat.SetInParent()
+        msg.chat.messages.extend(
+            policy_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
+        )
+        return msg
     msg = policy_pb2.Prompt()
     msg.token_ids.SetInParent()  # an empty id list is still a token-id prompt (and invalid)
     msg.token_ids.ids.extend(prompt)
@@ -45,8 +54,8 @@ def _prompt_pb(prompt: PromptLike) -> policy_pb2.Prompt:
 
 
 def _request(cls, prompts: Sequence[PromptLike], params: SamplingParams | None, n: int | None):
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    if isinstance(prompts, str) or (prompts and all(isinstance(m, Mapping) for m in prompts)):
+        prompts = [prompts]  # one text prompt, or one conversation
     req = cls(prompts=[_prompt_pb(p) for p in prompts], params=_params_pb(params or SamplingParams()))
     if n is not None:
         req.n = n

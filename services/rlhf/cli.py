@@ -39,6 +39,11 @@ _VLLM_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--enforce-eager",), dict(dest="vllm_enforce_eager", action="store_const", const=True)),
     (("--max-num-seqs",), dict(dest="vllm_max_num_seqs", type=int)),
 ]
+# Policy-only: the OpenAI-compatible HTTP front (rlhf.policy.http) beside the gRPC API.
+_POLICY_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--http-port",), dict(dest="http_port", type=int,
+                            help="port of the OpenAI-compatible HTTP front (0: a free one; unset: off)")),
+]
 
 
 def _add(parser: argparse.ArgumentParser, flags) -> None:
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(sp, _SERVE_FLAGS)
         if name == "policy":
             _add(sp, _VLLM_FLAGS)
+            _add(sp, _POLICY_FLAGS)
         _add_debug(sp)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
@@ -150,7 +156,7 @@ def _flags() -> dict[str, str]:
     from rlhf.trainer.cli import _COMMON, _WORKER
 
     out: dict[str, str] = {}
-    for names, kwargs in [*_SERVE_FLAGS, *_VLLM_FLAGS, *_COMMON, *_WORKER]:
+    for names, kwargs in [*_SERVE_FLAGS, *_VLLM_FLAGS, *_POLICY_FLAGS, *_COMMON, *_WORKER]:
         out.setdefault(kwargs["dest"], names[0])
     return out
 

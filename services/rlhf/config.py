@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, unset disables."
     )
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Policy service: port of the OpenAI-compatible HTTP front (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health); 0 picks a free one, unset disables.",
+    )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -89,7 +89,9 @@ def root(tmp_path_factory):
 def model_dir(root):
     from rlhf.models.tiny import make_tiny_model
 
-    return make_tiny_model("policy", root / "tiny-untied", size="tiny", seed=0, tie_embeddings=False)
+    # with a chat template (tokenizer_config only; the weights are those without): the HTTP chat test
+    return make_tiny_model("policy", root / "tiny-untied", size="tiny", seed=0, tie_embeddings=False,
+                           chat_template=True)
 
 
 @dataclass
@@ -134,7 +136,7 @@ def store(root, model_dir):
 def vllm_server(model_dir, store):
     from rlhf.policy.app import make_policy_app
 
-    app = make_policy_app(make_settings(model_dir=model_dir, store_dir=store.root, **VLLM_SETTINGS))
+    app = make_policy_app(make_settings(model_dir=model_dir, store_dir=store.root, http_port=0, **VLLM_SETTINGS))
     with ThreadedApp(app) as served:
         yield served
 
@@ -408,6 +410,36 @@ def test_stream_concatenates_to_unary(vllm, params):
     streamed = assemble_stream(chunks)
     assert _comparable(streamed) == _comparable(unary)
     assert [c.logprobs for c in streamed] == [c.logprobs for c in unary]
+
+
+def test_http_front_equals_grpc_on_vllm(vllm_server, vllm, model_dir, tiny_tokenizer):
+    """The OpenAI-compatible front on the vLLM engine: completions (unary and streamed) and chat
+    give the gRPC API's tokens and log-probs for the same seeded request."""
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{vllm_server.http_port}/v1", api_key="none",
+                       max_retries=0, timeout=120) as oai:
+        name = model_dir.name
+        params = SamplingParams(temperature=0.9, max_new_tokens=16, seed=5, return_logprobs=True)
+        want = vllm.generate(PROMPTS[:2], params).completions
+        res = oai.completions.create(model=name, prompt=PROMPTS[:2], max_tokens=16, temperature=0.9, seed=5,
+                                     logprobs=1)
+        for choice, c in zip(res.choices, want):
+            assert choice.text == c.text
+            assert choice.logprobs.tokens == [tiny_tokenizer.decode([t]) for t in c.token_ids]
+            assert _max_diff(choice.logprobs.token_logprobs, c.logprobs) < 1e-6
+        streamed: dict[int, str] = {}
+        for chunk in oai.completions.create(model=name, prompt=PROMPTS[:2], max_tokens=16, temperature=0.9,
+                                            seed=5, stream=True):
+            for ch in chunk.choices:
+                streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+        assert streamed == {k: c.text for k, c in enumerate(want)}
+        chat = [{"role": "user", "content": PROMPTS[0]}]
+        want = vllm.generate([chat], params).completions[0]
+        res = oai.chat.completions.create(model=name, messages=chat, max_tokens=16, temperature=0.9, seed=5,
+                                          logprobs=True)
+        assert res.choices[0].message.content == want.text
+        assert _max_diff([x.logprob for x in res.choices[0].logprobs.content], want.logprobs) < 1e-6
+        assert res.system_fingerprint == vllm.get_model().model.version
 
 
 # ------------------------------------------------------------------------------------------------

@@ -495,6 +495,69 @@ def test_ports_and_grace_agree_with_settings(kustomization):
             )
 
 
+HTTP_PORT = 8000  # the policy's OpenAI-compatible API (docs/openai-api.md)
+
+
+def _ingress_allows(netpol: dict, port: dict) -> bool:
+    """Whether a NetworkPolicy that selects the pod lets traffic in on `port` (name and number)."""
+    if "Ingress" not in netpol["spec"].get("policyTypes", ["Ingress"]):
+        return True
+    for rule in netpol["spec"].get("ingress", []):
+        rule_ports = rule.get("ports")
+        if not rule_ports:
+            return True  # every port
+        for p in rule_ports:
+            if p.get("protocol", "TCP") == port["protocol"] and p.get("port") in (
+                None, port["name"], port["containerPort"]
+            ):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_policy_serves_the_openai_http_api(kustomization):
+    """The policy process serves the OpenAI-compatible API beside gRPC: the setting turns it on,
+    the container exposes it as `http`, the Service routes `http` to it, and no NetworkPolicy
+    that selects the policy pods shuts it out. Readiness stays on the gRPC health probe (the
+    HTTP front follows the same state), so no HTTP probe is expected."""
+    policy = by_name(kustomization, "Deployment")["policy"]
+    (container,) = [c for c in pod_spec(policy)["containers"] if c["name"] == "policy"]
+    settings = settings_of(kustomization, container)
+    assert settings.http_port == HTTP_PORT, "RLHF_HTTP_PORT (rlhf-policy ConfigMap) turns it on"
+    ports = {p["name"]: p for p in container["ports"]}
+    assert "http" in ports, "the policy container names its HTTP port `http`"
+    assert ports["http"]["containerPort"] == settings.http_port == HTTP_PORT
+    assert ports["http"].get("protocol", "TCP") == "TCP"
+    numbers = [p["containerPort"] for p in container["ports"]]
+    assert len(numbers) == len(set(numbers)), f"distinct container ports: {numbers}"
+    svc = by_name(kustomization, "Service")["policy"]
+    (http,) = [p for p in svc["spec"]["ports"] if p["name"] == "http"]
+    assert (http["port"], http["targetPort"]) == (HTTP_PORT, "http"), http
+    assert http.get("appProtocol") == "http", "plain HTTP/1.1 (and SSE), not h2c"
+    grpc = {p["name"]: p for p in svc["spec"]["ports"]}["grpc"]
+    assert grpc["appProtocol"] == "kubernetes.io/h2c" and svc["spec"]["clusterIP"] == "None"
+    labels = policy["spec"]["template"]["metadata"]["labels"]
+    for netpol in objects(kustomization, "NetworkPolicy"):
+        selector = netpol["spec"]["podSelector"].get("matchLabels", {})
+        if selector.items() <= labels.items():
+            assert _ingress_allows(netpol, {**ports["http"], "protocol": "TCP"}), (
+                f"NetworkPolicy {netpol['metadata']['name']} blocks the policy's HTTP port"
+            )
+
+
+def test_http_port_is_set_once_in_the_base():
+    """Overlays patch only what differs: the HTTP port is the base's, in both overlays alike."""
+    for overlay in OVERLAYS:
+        path = K8S / "overlays" / overlay
+        text = "\n".join(f.read_text() for f in sorted(path.iterdir()) if f.is_file())
+        assert "RLHF_HTTP_PORT" not in text and "name: http" not in text, overlay
+    rendered = {
+        k: [p for p in by_name(k, "Service")["policy"]["spec"]["ports"] if p["name"] == "http"]
+        for k in KUSTOMIZATIONS
+    }
+    assert all(v == rendered["base"] for v in rendered.values()), rendered
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_trainer_grace_exceeds_its_soft_shutdown(kustomization):
     trainer = by_name(kustomization, "Deployment")["trainer"]
@@ -577,7 +640,10 @@ def test_services_select_pods_and_match_their_ports(kustomization):
         if component(workload) in MODEL_SERVICES:
             settings = settings_of(kustomization, pod_spec(workload)["containers"][0])
             ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
-            assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}, name
+            expected = {"grpc": settings.port, "metrics": settings.metrics_port}
+            if component(workload) == "policy":  # the OpenAI-compatible HTTP API as well
+                expected["http"] = settings.http_port
+            assert ports == expected, name
     for service in MODEL_SERVICES:
         assert service in by_name(kustomization, "Service"), f"Service {service}"
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhfpb.v1 import common_pb2 as rlhfpb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhfpb/v1/policy.proto\x12\trlhfpb.v1\x1a\x16rlhfpb/v1/common.proto\"K\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xc6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x13\n\x0breset_token\x18\n \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x07\n\x05_seed\"v\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlhfpb.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.rlhfpb.v1.SamplingParams\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_n\"\xf0\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\x1c\n\x14trajectory_token_ids\x18\x08 \x03(\x05\x12\x1b\n\x13trajectory_logprobs\x18\t \x03(\x02\"b\n\x10GenerateResponse\x12*\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x15.rlhfpb.v1.Completion\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\"|\n\x15GenerateStreamRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlhfpb.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.rlhfpb.v1.SamplingParams\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_n\"\xc0\x02\n\x16GenerateStreamResponse\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12\r\n\x05reset\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\"\n\x05model\x18\t \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x19\n\x11\x64ropped_token_ids\x18\n \x03(\x05\x12\x18\n\x10\x64ropped_logprobs\x18\x0b \x03(\x02\x12\x15\n\rkept_logprobs\x18\x0c \x03(\x02\x32\xc0\x02\n\rPolicyService\x12\x43\n\x08Generate\x12\x1a.rlhfpb.v1.GenerateRequest\x1a\x1b.rlhfpb.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .rlhfpb.v1.GenerateStreamRequest\x1a!.rlhfpb.v1.GenerateStreamResponse0\x01\x12\x43\n\x08GetModel\x12\x1a.rlhfpb.v1.GetModelRequest\x1a\x1b.rlhfpb.v1.GetModelResponse\x12L\n\x0bLoadVersion\x12\x1d.rlhfpb.v1.LoadVersionRequest\x1a\x1e.rlhfpb.v1.LoadVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhfpb/v1/policy.proto\x12\trlhfpb.v1\x1a\x16rlhfpb/v1/common.proto\"t\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.rlhfpb.v1.ChatMessagesH\x00\x42\x07\n\x05input\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.rlhfpb.v1.ChatMessage\"\xc6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x13\n\x0breset_token\x18\n \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x07\n\x05_seed\"v\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlhfpb.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.rlhfpb.v1.SamplingParams\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_n\"\xf0\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\x1c\n\x14trajectory_token_ids\x18\x08 \x03(\x05\x12\x1b\n\x13trajectory_logprobs\x18\t \x03(\x02\"b\n\x10GenerateResponse\x12*\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x15.rlhfpb.v1.Completion\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\"|\n\x15GenerateStreamRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlhfpb.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.rlhfpb.v1.SamplingParams\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x04\n\x02_n\"\xc0\x02\n\x16GenerateStreamResponse\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12\r\n\x05reset\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\x12\"\n\x05model\x18\t \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x19\n\x11\x64ropped_token_ids\x18\n \x03(\x05\x12\x18\n\x10\x64ropped_logprobs\x18\x0b \x03(\x02\x12\x15\n\rkept_logprobs\x18\x0c \x03(\x02\x32\xc0\x02\n\rPolicyService\x12\x43\n\x08Generate\x12\x1a.rlhfpb.v1.GenerateRequest\x1a\x1b.rlhfpb.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .rlhfpb.v1.GenerateStreamRequest\x1a!.rlhfpb.v1.GenerateStreamResponse0\x01\x12\x43\n\x08GetModel\x12\x1a.rlhfpb.v1.GetModelRequest\x1a\x1b.rlhfpb.v1.GetModelResponse\x12L\n\x0bLoadVersion\x12\x1d.rlhfpb.v1.LoadVersionRequest\x1a\x1e.rlhfpb.v1.LoadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfpb.v1.policy_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROMPT']._serialized_start=61
-  _globals['_PROMPT']._serialized_end=136
-  _globals['_SAMPLINGPARAMS']._serialized_start=139
-  _globals['_SAMPLINGPARAMS']._serialized_end=465
-  _globals['_GENERATEREQUEST']._serialized_start=467
-  _globals['_GENERATEREQUEST']._serialized_end=585
-  _globals['_COMPLETION']._serialized_start=588
-  _globals['_COMPLETION']._serialized_end=828
-  _globals['_GENERATERESPONSE']._serialized_start=830
-  _globals['_GENERATERESPONSE']._serialized_end=928
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=930
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1054
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1057
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1377
-  _globals['_POLICYSERVICE']._serialized_start=1380
-  _globals['_POLICYSERVICE']._serialized_end=1700
+  _globals['_PROMPT']._serialized_end=177
+  _globals['_CHATMESSAGE']._serialized_start=179
+  _globals['_CHATMESSAGE']._serialized_end=223
+  _globals['_CHATMESSAGES']._serialized_start=225
+  _globals['_CHATMESSAGES']._serialized_end=281
+  _globals['_SAMPLINGPARAMS']._serialized_start=284
+  _globals['_SAMPLINGPARAMS']._serialized_end=610
+  _globals['_GENERATEREQUEST']._serialized_start=612
+  _globals['_GENERATEREQUEST']._serialized_end=730
+  _globals['_COMPLETION']._serialized_start=733
+  _globals['_COMPLETION']._serialized_end=973
+  _globals['_GENERATERESPONSE']._serialized_start=975
+  _globals['_GENERATERESPONSE']._serialized_end=1073
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1075
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1199
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1202
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1522
+  _globals['_POLICYSERVICE']._serialized_start=1525
+  _globals['_POLICYSERVICE']._serialized_end=1845
 # @@protoc_insertion_point(module_scope)

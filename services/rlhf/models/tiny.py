@@ -46,6 +46,7 @@ __all__ = [
     "IM_START_TOKEN",
     "IM_END_TOKEN",
     "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
     "SIZES",
     "TinySize",
     "make_tiny_model",
@@ -64,6 +65,11 @@ IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
 # Order fixes the ids: <|endoftext|>=0, <|reset|>=1, <|im_start|>=2, <|im_end|>=3.
 SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, RESET_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
+#: The chat template `make_tiny_model(..., chat_template=True)` gives the tokenizer: ChatML.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}" + IM_START_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}" + IM_END_TOKEN
+    + "\n{% endfor %}{% if add_generation_prompt %}" + IM_START_TOKEN + "assistant\n{% endif %}"
+)
 
 _CORPUS_SEED = 20240601
 # Qwen2's pre-tokenizer split (as in transformers' Qwen2 tokenizer): digits split one by one.
@@ -405,6 +411,7 @@ def make_tiny_model(
     size: Size = "tiny",
     seed: int = 0,
     tie_embeddings: bool = True,
+    chat_template: bool = False,
 ) -> Path:
     """Write a random-init Qwen2 policy (`Qwen2ForCausalLM`) or reward model
     (`Qwen2ForSequenceClassification`, one label) with its tokenizer to `out_dir`.
@@ -413,6 +420,9 @@ def make_tiny_model(
     give a byte-identical directory; a different `seed` gives different weights. `out_dir` is
     created if missing (files already there with the same names are overwritten). Returns the
     directory as a `Path`.
+
+    `chat_template=True` gives the tokenizer `CHAT_TEMPLATE` (ChatML turns, in
+    tokenizer_config.json); by default it has none (chat prompts are refused).
     """
     import torch
     from transformers import (
@@ -452,6 +462,11 @@ def make_tiny_model(
         if kind == "reward":  # sequence classifiers don't write one; keep every tiny dir alike
             gen.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    if chat_template:  # as a string in tokenizer_config.json (every transformers version reads it)
+        cfg_path = out / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_path.read_text())
+        tok_cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
     stray = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if stray or not any(out.glob("*.safetensors")):

@@ -1,4 +1,4 @@
-"""Assembles the policy service: engine → generator → servicer → server."""
+"""Assembles the policy service: engine → generator → servicer → server (+ the HTTP front)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ def make_policy_app(settings: Settings) -> ServiceApp:
     model_dir, ref = resolve_model(settings)
     engine = make_engine(settings, model_dir, ref)
     swapper = Swapper(engine, settings.store_dir, "policy", settings.dtype)
-    servicer = PolicyServicer(Generator(engine, settings), swapper)
+    generator = Generator(engine, settings)
+    servicer = PolicyServicer(generator, swapper)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, policy_pb2_grpc.add_PolicyServiceServicer_to_server, ("LoadVersion",)
     )
-    return ServiceApp(settings, "policy", engine, [binding], swapper)
+    fronts = []
+    if settings.http_port is not None:  # the OpenAI-compatible front: same generator, same loop
+        from rlhf.policy.http import HttpFront
+
+        fronts.append(HttpFront(settings, generator))
+    return ServiceApp(settings, "policy", engine, [binding], swapper, fronts=fronts)

@@ -39,11 +39,41 @@ MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class PromptInput:
-    """One prompt: text or token ids (exactly one of them is not None)."""
+    """One prompt: text, token ids or a conversation (exactly one of them is not None)."""
 
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    chat: tuple[ChatTurn, ...] | None = None
+
+
+def render_chat(tokenizer, messages: tuple[ChatTurn, ...], field: str) -> str:
+    """A conversation as the model's chat template renders it, generation prompt added.
+
+    The one rendering of chat prompts (gRPC `Prompt.chat` and the HTTP chat route both come
+    here); `InvalidArgument(field)` when the model has no template or the template refuses."""
+    if not messages:
+        raise InvalidArgument(field, "at least one message is required")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument(field, "the served model has no chat template; send a text prompt instead")
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except TemplateError as exc:  # e.g. the template's raise_exception("roles must alternate")
+        raise InvalidArgument(field, f"the chat template refused the messages: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -144,8 +174,12 @@ class Generator:
         elif prompt.text is not None:
             ids = tuple(tok.encode(prompt.text, add_special_tokens=False)) if prompt.text else ()
             field_name = f"prompts[{i}].text"
+        elif prompt.chat is not None:
+            field_name = f"prompts[{i}].chat"
+            text = render_chat(tok, prompt.chat, field_name)
+            ids = tuple(tok.encode(text, add_special_tokens=False)) if text else ()
         else:
-            raise InvalidArgument(f"prompts[{i}]", "set text or token_ids")
+            raise InvalidArgument(f"prompts[{i}]", "set text, token_ids or chat")
         if not ids:
             raise InvalidArgument(field_name, "empty prompt")
         if len(ids) >= max_context:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlhfpb.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
-from rlhf.policy.generator import GenerateInput, Generator, PromptInput
+from rlhf.policy.generator import ChatTurn, GenerateInput, Generator, PromptInput
 from rlhf.serving.convert import get_model_response, model_ref_pb, opt
 from rlhf.serving.swap import Swapper
 
@@ -17,6 +17,8 @@ def _prompt(p: policy_pb2.Prompt) -> PromptInput:
         return PromptInput(text=p.text)
     if kind == "token_ids":
         return PromptInput(token_ids=tuple(p.token_ids.ids))
+    if kind == "chat":
+        return PromptInput(chat=tuple(ChatTurn(m.role, m.content) for m in p.chat.messages))
     return PromptInput()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -76,15 +78,31 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
+class Front(Protocol):
+    """Another listener beside the gRPC server on the same event loop (the policy's HTTP front):
+    started before the model loads (health answers "not serving"), told when serving starts,
+    drained with the gRPC server."""
+
+    port: int | None
+
+    async def start(self) -> int: ...
+
+    def set_serving(self, serving: bool) -> None: ...
+
+    async def drain(self, grace: float) -> None: ...
+
+
 class ServiceApp:
     """Start: bind (health NOT_SERVING) → load + warm up → SERVING. Stop: drain → close."""
 
     def __init__(self, settings: Settings, label: str, model: ServedModel, bindings: list[ServiceBinding],
-                 swapper=None):
+                 swapper=None, fronts: list[Front] | None = None):
         self.settings = settings
         self.label = label
         self.model = model
         self.server = ModelServer(settings, label, bindings)
+        self.fronts: list[Front] = list(fronts or ())
+        self._drained = asyncio.Event()
         self.started = False  # True once start() has returned (SERVING)
         self.follower = None
         if settings.model_name is not None and swapper is not None:
@@ -102,17 +120,26 @@ class ServiceApp:
     def metrics_port(self) -> int | None:
         return self.server.metrics_port
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the HTTP front (None when it is off)."""
+        return self.fronts[0].port if self.fronts else None
+
     async def start(self) -> int:
         """Bind, load, serve. On any failure what was started is stopped before the error
         propagates (server shut down, engine closed), so nothing is left for the loop's end."""
         try:
             port = await self.server.start()
+            for front in self.fronts:
+                await front.start()
             await self._start_model()
             ref = self.model.info.ref
             set_active_model(self.label, ref.name, ref.version)
             if self.follower is not None:
                 self.follower.start()
             await self.server.set_serving(True)
+            for front in self.fronts:
+                front.set_serving(True)
         except BaseException:
             await self._clean_up_failed_start()
             raise
@@ -131,7 +158,7 @@ class ServiceApp:
 
     async def _clean_up_failed_start(self) -> None:
         for step in (self.follower.stop if self.follower is not None else None,
-                     lambda: self.server.drain(0), self.model.close):
+                     lambda: self.drain(0), self.model.close):
             if step is None:
                 continue
             try:
@@ -139,17 +166,29 @@ class ServiceApp:
             except Exception:  # noqa: BLE001 - the start-up error is the one to report
                 log.debug("clean-up after a failed start failed", exc_info=True)
 
+    async def drain(self, grace: float | None = None) -> None:
+        """Every listener at once: not serving, refuse new requests, in-flight ones get `grace`."""
+        grace = self.settings.drain_grace_s if grace is None else grace
+        await asyncio.gather(self.server.drain(grace), *(f.drain(grace) for f in self.fronts))
+        self._drained.set()
+
     async def stop(self, grace: float | None = None) -> None:
         if self.follower is not None:
             await self.follower.stop()
-        await self.server.drain(grace)
+        await self.drain(grace)
         await self.model.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT → drain (gRPC and the other fronts together)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
 
     async def run_forever(self) -> None:
         """For the CLI: start, serve until SIGTERM/SIGINT, drain, close."""
-        self.server.install_signal_handlers()
+        self.install_signal_handlers()
         await self.start()
-        await self.server.wait_stopped()
+        await self._drained.wait()
         if self.follower is not None:
             await self.follower.stop()
         await self.model.close()

@@ -44,3 +44,12 @@ def set_active_model(service: str, name: str, version: str) -> None:
         if labels[0] == service:
             ACTIVE_MODEL.remove(*labels)
     ACTIVE_MODEL.labels(service, name, version).set(1)
+
+HTTP_COUNT = Counter(
+    "rlhf_http_requests_total", "HTTP requests handled (the OpenAI-compatible front), by status.",
+    ["service", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "rlhf_http_latency_seconds", "HTTP request latency (streams: until the last byte), by status.",
+    ["service", "route", "status"], buckets=_LATENCY_BUCKETS,
+)
