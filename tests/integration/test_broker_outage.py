@@ -298,6 +298,8 @@ def test_redis_dies_right_after_the_version_is_in_the_store(rig):
         rig["server"].kill()
     finally:
         os.kill(child, signal.SIGCONT)
+    # the outage itself, not a wait for an event: Redis stays down past the job's lease (nothing
+    # can be polled meanwhile: the lease lives in the Redis that is down)
     time.sleep(LEASE_S + 1.0)
     rig["server"].start()
     assert_done_once(rig, job_id, pushed, w)

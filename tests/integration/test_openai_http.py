@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import urllib.request
-import uuid
+from collections import Counter
 
 import grpc
 import httpx
+import openai
 import pytest
 from helpers import TEST_REDIS, ThreadedApp, make_settings, status_of
+# the two-version store and registry of the hot-swap tests (module-scoped: this module gets its own)
+from test_hot_swap import policy_versions, registry, wait_for  # noqa: F401
 
-openai = pytest.importorskip("openai")
-
-from rlhf_client import PolicyClient, SamplingParams  # noqa: E402
+from rlhf_client import PolicyClient, SamplingParams
 
 TOKEN = "http-test-token"
 PROMPT = "the cat sat on the"
@@ -310,10 +310,8 @@ def test_drain_finishes_streams_and_refuses_new_requests(tiny_policy_dir, tmp_pa
             assert next(lines).startswith("data: ")  # the stream is running
             drained = threading.Thread(target=served.call, args=(served.app.drain(30),))
             drained.start()
-            deadline = time.monotonic() + 10
-            while httpx.get(f"{base}/health", timeout=5).status_code != 503:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 503,
+                     timeout=10, what="/health to say draining")
             refused = _post(base, "/v1/completions", {"model": tiny_policy_dir.name, "prompt": PROMPT}, token=None)
             assert refused.status_code == 503
             rest = [ln for ln in lines if ln]
@@ -326,32 +324,25 @@ def test_drain_finishes_streams_and_refuses_new_requests(tiny_policy_dir, tmp_pa
 # ------------------------------------------------------------------------------------------------
 
 
-def test_hot_swap_under_streaming_clients_fails_nothing(tmp_path_factory):
-    from test_hot_swap import GREEDY, PROMPTS, fresh_greedy, publish, wait_for
+def test_hot_swap_under_streaming_clients_fails_nothing(policy_versions, registry):
+    from test_hot_swap import GREEDY, PROMPTS
 
     from rlhf.models.loading import load_tokenizer
-    from rlhf.models.tiny import make_tiny_model
     from rlhf.policy.app import make_policy_app
-    from rlhf_client.registry import Registry
 
-    redis_url = f"{TEST_REDIS}/0"
-    registry = Registry.from_url(redis_url)
-    root = tmp_path_factory.mktemp("http-swap")
-    name = f"http-swap-{uuid.uuid4().hex[:8]}"
-    dirs = [make_tiny_model("policy", root / f"src{s}", seed=s, tie_embeddings=False) for s in (0, 1)]
-    store = root / "store"
-    versions = [publish(store, registry, name, d, "policy") for d in dirs]
-    registry.activate(name, versions[0])
-    tok = load_tokenizer(dirs[0])
-    expected = {v: _text(tok, fresh_greedy(d)[0]) for v, d in zip(versions, dirs)}
+    pv = policy_versions
+    name, versions = pv["name"], pv["versions"]
+    tok = load_tokenizer(pv["dirs"][0])
+    expected = {v: _text(tok, pv["expected"][v][0]) for v in versions}
     assert expected[versions[0]] != expected[versions[1]]
-    settings = make_settings(model_name=name, store_dir=store, redis_url=redis_url, swap_poll_s=0.5,
-                             batch_max_wait_ms=2, http_port=0)
+    settings = make_settings(model_name=name, store_dir=pv["store"], redis_url=f"{TEST_REDIS}/0",
+                             swap_poll_s=0.5, batch_max_wait_ms=2, http_port=0)
     stop = threading.Event()
     failures: list[BaseException] = []
     wrong: list[tuple] = []
     seen: set[str] = set()
     done = [0]
+    served_by: Counter[str] = Counter()  # finished streams per version
 
     def streamer(base):
         with openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60) as c:
@@ -367,6 +358,7 @@ def test_hot_swap_under_streaming_clients_fails_nothing(tmp_path_factory):
                 if len(versions_seen) != 1 or text != expected.get(next(iter(versions_seen))):
                     wrong.append((versions_seen, text))
                 seen.update(versions_seen)
+                served_by.update(versions_seen)
                 done[0] += 1
 
     with ThreadedApp(make_policy_app(settings)) as served:
@@ -380,7 +372,9 @@ def test_hot_swap_under_streaming_clients_fails_nothing(tmp_path_factory):
                 registry.activate(name, version)
                 wait_for(lambda: httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["version"] == version,
                          what=f"swap to {version}")
-                time.sleep(0.3)  # let the streamers run on this version
+                before = served_by[version]  # streams on this version: at least one per streamer
+                wait_for(lambda: served_by[version] >= before + len(threads),
+                         what=f"streams served by {version}")
         finally:
             stop.set()
             for t in threads:
