@@ -161,3 +161,8 @@ def sender(redis_url: str) -> Celery:
     s = Celery("rlhf-sender", set_as_current=False)
     s.conf.update(_static_config(), broker_url=redis_url)
     return s
+
+
+def send_job(redis_url: str, job_type: str, spec: dict, job_id: str) -> None:
+    """Queue a job's Celery message (task id = job id) on the broker at `redis_url`."""
+    sender(redis_url).send_task(TASK_FOR_JOB[job_type], args=[spec], task_id=job_id)

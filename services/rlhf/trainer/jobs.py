@@ -37,7 +37,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import redis
@@ -485,7 +484,7 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
     Raises `JobRejected` (nothing is queued) when the spec is invalid, names a base version
     that does not exist, or reuses a job id (a DPO job also when its data source is empty).
     """
-    from rlhf.trainer.celery_app import TASK_FOR_JOB, sender
+    from rlhf.trainer.celery_app import send_job
 
     spec = parse_spec(data)
     r = client or connect(redis_url, decode_responses=True)
@@ -495,8 +494,7 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
     jobs = JobStore(r)
     jobs.create(spec)
     try:
-        sender(redis_url).send_task(TASK_FOR_JOB[spec.type], args=[spec.model_dump(mode="json")],
-                                    task_id=spec.job_id)
+        send_job(redis_url, spec.type, spec.model_dump(mode="json"), spec.job_id)
     except Exception as exc:
         jobs.fail(spec.job_id, None, f"could not queue the job: {exc}")
         raise
@@ -585,18 +583,16 @@ _PROGRESS_PAUSE_S = 5.0
 class JobContext:
     """Handed to a job function: settings, Redis, progress reporting and the lease heartbeat.
 
-    `workdir` is the attempt's own temp directory (see workdirs.py): the job's temp files and
-    checkpoints go there, and it is removed when the attempt ends or, if its process died, by
-    whoever cleans up next.
+    A job function runs inside its attempt's own temp directory (workdirs.attempt_dir makes it
+    the process's temp dir): its temp files and checkpoints go there, and the directory is removed
+    when the attempt ends or, if its process died, by whoever cleans up next.
     """
 
-    def __init__(self, settings: "Settings", jobs: JobStore, job_id: str, token: str, *,
-                 workdir: Path | None = None):
+    def __init__(self, settings: "Settings", jobs: JobStore, job_id: str, token: str):
         self.settings = settings
         self.jobs = jobs
         self.job_id = job_id
         self.token = token
-        self.workdir = workdir
         self.redis_text = jobs.r
         self._redis_bytes: redis.Redis | None = None
         self.lost = threading.Event()
@@ -733,9 +729,9 @@ def execute(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult], *,
             wait(lambda: jobs.fail(spec.job_id, token, error), "record the job as failed")
             return Outcome("failed", spec.job_id, error=error)
         log.info("job %s (%s): attempt %d on %s", spec.job_id, spec.type, attempt, worker)
-        with attempt_dir(settings, spec.job_id, attempt) as workdir:
-            ctx = JobContext(settings, jobs, spec.job_id, token, workdir=workdir)
-            return _run_attempt(spec, work, ctx, attempt, wait)
+        with attempt_dir(settings, spec.job_id, attempt):
+            ctx = JobContext(settings, jobs, spec.job_id, token)
+            return _run_attempt(spec, work, ctx, attempt)
     except RedisGone as exc:
         log.error("job %s: %s; giving its message back for redelivery", spec.job_id, exc)
         return Outcome("interrupted", spec.job_id, error=str(exc))
@@ -744,9 +740,8 @@ def execute(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult], *,
 
 
 def _run_attempt(spec: JobSpec, work: Callable[[JobSpec, JobContext], JobResult],
-                 ctx: JobContext, attempt: int,
-                 wait: Callable[[Callable[[], Any], str], Any]) -> Outcome:
-    settings, jobs, job_id, token = ctx.settings, ctx.jobs, ctx.job_id, ctx.token
+                 ctx: JobContext, attempt: int) -> Outcome:
+    settings, jobs, job_id, token, wait = ctx.settings, ctx.jobs, ctx.job_id, ctx.token, ctx.redis
 
     def abandoned(why: str) -> Outcome:
         log.warning("job %s: %s", job_id, why)

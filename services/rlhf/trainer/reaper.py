@@ -25,6 +25,7 @@ for the temp dirs of dead attempts, see workdirs.py); `rlhf jobs reap` runs one 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 from rlhf_client.training import JOBS_INDEX, job_key, read_job
+
+from rlhf.trainer.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,6 @@ def broker_task_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
     return ids
 
 
-def _lease_key(job_id: str) -> str:
-    return job_key(job_id) + ":lease"
-
-
 def _stale_unleased(client: redis.Redis, grace_s: float) -> dict[str, str]:
     """{job id: its `updated`} of queued/running jobs unchanged for `grace_s`, with no lease."""
     now = time.time()
@@ -109,7 +108,7 @@ def _stale_unleased(client: redis.Redis, grace_s: float) -> dict[str, str]:
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
             pipe.hmget(job_key(job_id), "status", "updated")
-            pipe.exists(_lease_key(job_id))
+            pipe.exists(JobStore.lease_key(job_id))
         res = pipe.execute()
         for job_id, (status, updated), leased in zip(chunk, res[::2], res[1::2]):
             status = status.decode() if isinstance(status, bytes) else status
@@ -158,7 +157,7 @@ def reap(client: redis.Redis, send: Sender, queues: Iterable[str], *, grace_s: f
             continue
         note = (f"re-queued by the reaper: {rec.status} at attempt {rec.attempts}, no lease and "
                 f"no Celery message left")
-        if not claim(keys=[job_key(job_id), _lease_key(job_id)],
+        if not claim(keys=[job_key(job_id), JobStore.lease_key(job_id)],
                      args=[updated, note, f"{time.time():.6f}"]):
             continue  # it moved meanwhile, or another reaper won
         try:
@@ -173,12 +172,9 @@ def reap(client: redis.Redis, send: Sender, queues: Iterable[str], *, grace_s: f
 
 def celery_sender(redis_url: str) -> Sender:
     """Send a job's message the way `submit_job` does (task id = job id)."""
-    from rlhf.trainer.celery_app import TASK_FOR_JOB, sender
+    from rlhf.trainer.celery_app import send_job
 
-    def send(job_type: str, spec: dict, job_id: str) -> None:
-        sender(redis_url).send_task(TASK_FOR_JOB[job_type], args=[spec], task_id=job_id)
-
-    return send
+    return functools.partial(send_job, redis_url)
 
 
 def reap_once(settings, *, grace_s: float | None = None, dry_run: bool = False,
