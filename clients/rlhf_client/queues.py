@@ -1,4 +1,5 @@
-"""Queue producers: push preference pairs, rankings and scored samples to Redis Streams.
+"""Queue producers: push preference pairs, rankings, scored samples and rollout prompts to
+Redis Streams.
 
 Applications and rollout workers push here; the trainer reads the same streams through a
 consumer group (`rlhf.trainer.queues.StreamConsumer`). This module owns what both sides share:
@@ -11,7 +12,9 @@ Entry encoding (one stream entry = one payload):
     data   the serialised protobuf message
 
 Streams: pairs and rankings go to `PREFERENCES_STREAM` (the reward-model and DPO trainers read
-both kinds), scored samples to `SAMPLES_STREAM`. Any other name may be passed. Entries that the
+both kinds), scored samples to `SAMPLES_STREAM`, prompts for the rollout workers
+(`rlhf rollout`, which answer each with n scored samples) to `PROMPTS_STREAM`. Any other name
+may be passed. Entries that the
 trainer cannot parse or that keep failing are moved to `dead_letter_stream(stream)` with a reason.
 """
 
@@ -30,20 +33,26 @@ from rlhfpb.v1 import samples_pb2
 
 PREFERENCES_STREAM = "rlhf:queue:preferences"
 SAMPLES_STREAM = "rlhf:queue:samples"
+PROMPTS_STREAM = "rlhf:queue:prompts"
 DEAD_LETTER_SUFFIX = ":dead"
 
-Payload = Union[samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample]
+Payload = Union[samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample,
+                samples_pb2.RolloutPrompt]
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.full_name: cls
-    for cls in (samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample)
+    for cls in (samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample,
+                samples_pb2.RolloutPrompt)
 }
 DEFAULT_STREAMS: dict[str, str] = {
     samples_pb2.PreferencePair.DESCRIPTOR.full_name: PREFERENCES_STREAM,
     samples_pb2.Ranking.DESCRIPTOR.full_name: PREFERENCES_STREAM,
     samples_pb2.ScoredSample.DESCRIPTOR.full_name: SAMPLES_STREAM,
+    samples_pb2.RolloutPrompt.DESCRIPTOR.full_name: PROMPTS_STREAM,
 }
 MAX_ID_CHARS = 256
+#: A rollout prompt's id is shorter: its samples' ids are "<prompt id>:<policy version>:<index>".
+MAX_PROMPT_ID_CHARS = 192
 
 
 class PayloadError(ValueError):
@@ -83,6 +92,12 @@ def validate_payload(msg: Message) -> None:
             k = len(getattr(msg, field))
             if k not in (0, n):
                 raise PayloadError(f"ScoredSample.{field}: {k} values for {n} completion tokens")
+    elif isinstance(msg, samples_pb2.RolloutPrompt):
+        if not msg.prompt:
+            raise PayloadError("RolloutPrompt.prompt: must be non-empty")
+        if len(msg.id) > MAX_PROMPT_ID_CHARS:
+            raise PayloadError(f"RolloutPrompt.id: longer than {MAX_PROMPT_ID_CHARS} characters "
+                               "(sample ids append the policy version and the sample index)")
 
 
 def encode_entry(msg: Message) -> dict[bytes, bytes]:
@@ -173,6 +188,16 @@ class QueueProducer:
                     stream: str | None = None, **fields) -> str:
         """Push a `ScoredSample` (`prompt_ids=`, `completion_ids=`, `reward=`, log-probs ...)."""
         return self.push(_message(samples_pb2.ScoredSample, sample, fields), stream=stream)
+
+    def push_prompt(self, prompt: samples_pb2.RolloutPrompt | str | None = None, *,
+                    stream: str | None = None, **fields) -> str:
+        """Push a `RolloutPrompt` for the rollout workers: a message, its text, or its fields
+        (`prompt=`, optional `id=`, `source=`). Give an `id` to make a re-push of the same prompt
+        a duplicate the workers answer once; unset, a fresh uuid4 is used."""
+        if isinstance(prompt, str):
+            fields = {"prompt": prompt, **fields}
+            prompt = None
+        return self.push(_message(samples_pb2.RolloutPrompt, prompt, fields), stream=stream)
 
     # -------------------------------------------------------------- many payloads
     def push_many(self, messages: Iterable[Payload], *, stream: str | None = None,

@@ -39,6 +39,17 @@ _VLLM_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--enforce-eager",), dict(dest="vllm_enforce_eager", action="store_const", const=True)),
     (("--max-num-seqs",), dict(dest="vllm_max_num_seqs", type=int)),
 ]
+# `rlhf rollout`: the settings it reads (the rest of its flags are rollout options, below).
+_ROLLOUT_SETTINGS_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--redis-url",), dict(dest="redis_url", help="Redis of the streams and the registry")),
+    (("--max-deliveries",), dict(dest="queue_max_deliveries", type=int,
+                                 help="a prompt delivered more often is dead-lettered")),
+    (("--claim-idle-ms",), dict(dest="rollout_claim_idle_ms", type=int,
+                                help="a prompt pending this long is retried / taken over")),
+    (("--host",), dict(dest="host", help="address the /metrics endpoint binds")),
+    (("--metrics-port",), dict(dest="metrics_port", type=int, help="/metrics port (0: any)")),
+    (("--log-level",), dict(dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])),
+]
 # Policy-only: the OpenAI-compatible HTTP front (rlhf.policy.http) beside the gRPC API.
 _POLICY_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--http-port",), dict(dest="http_port", type=int,
@@ -78,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add(sp, _POLICY_FLAGS)
         _add_debug(sp)
 
+    _add_rollout_parser(sub)
+
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     demo.add_argument("--pairs", type=int, default=300, help="synthetic preference pairs to push")
@@ -88,6 +101,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_trainer_parsers(sub)  # worker, jobs, models
     _add_debug(sub.choices["worker"])
     return p
+
+
+def _add_rollout_parser(sub) -> None:
+    ro = sub.add_parser(
+        "rollout", help="rollout worker: prompts → policy → reward → reference → ScoredSamples",
+        description="Answer prompts with n scored samples each (ScoredSample, pushed to the "
+        "samples stream). Prompts come from a stream (long-running; SIGTERM finishes the "
+        "batches in flight and exits), a JSONL file of {\"id\", \"prompt\"} rows, or --prompt "
+        "flags (both exit when every prompt is done).")
+    ro.add_argument("--policy", required=True, metavar="TARGET", help="PolicyService host:port")
+    ro.add_argument("--reward", required=True, metavar="TARGET", help="RewardService host:port")
+    ro.add_argument("--reference", required=True, metavar="TARGET", help="ReferenceService host:port")
+    ro.add_argument("--model-name", dest="rollout_model_name", metavar="NAME", default=None,
+                    help="registry name the policy follows (default: none, unless the policy says "
+                    "it follows one); "
+                    "samples of a version that is no longer active are discarded and regenerated")
+    src = ro.add_mutually_exclusive_group()
+    src.add_argument("--prompts-stream", metavar="STREAM", default=None,
+                     help="read RolloutPrompts from this stream (the default source: "
+                     "rlhf:queue:prompts)")
+    src.add_argument("--prompts-file", type=Path, metavar="JSONL", default=None,
+                     help='JSONL rows {"id": ..., "prompt": "..."}; sample ids derive from the ids')
+    src.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", default=None,
+                     help="a prompt (repeatable)")
+    ro.add_argument("--group", default=None, help="consumer group on the prompts stream (rollout)")
+    ro.add_argument("--consumer", default=None, help="consumer name (default host-pid-random)")
+    ro.add_argument("--samples-stream", default=None, help="where ScoredSamples go "
+                    "(default rlhf:queue:samples)")
+    ro.add_argument("--n", type=int, default=4, help="samples per prompt (the group size)")
+    ro.add_argument("--batch-prompts", type=int, default=8, help="prompts per Generate call")
+    ro.add_argument("--concurrency", type=int, default=2, help="batches in flight at once")
+    ro.add_argument("--max-new-tokens", type=int, default=None, help="default: the policy's")
+    ro.add_argument("--temperature", type=float, default=1.0)
+    ro.add_argument("--top-p", type=float, default=None)
+    ro.add_argument("--top-k", type=int, default=None)
+    ro.add_argument("--seed", type=int, default=0, help="base seed of the batches' request seeds")
+    ro.add_argument("--rpc-timeout", type=float, default=120.0, help="deadline of each RPC (s)")
+    _add(ro, _ROLLOUT_SETTINGS_FLAGS)
+    _add_debug(ro)
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +208,8 @@ def _flags() -> dict[str, str]:
     from rlhf.trainer.cli import _COMMON, _WORKER
 
     out: dict[str, str] = {}
-    for names, kwargs in [*_SERVE_FLAGS, *_VLLM_FLAGS, *_POLICY_FLAGS, *_COMMON, *_WORKER]:
+    for names, kwargs in [*_SERVE_FLAGS, *_VLLM_FLAGS, *_POLICY_FLAGS, *_COMMON, *_WORKER,
+                          *_ROLLOUT_SETTINGS_FLAGS]:
         out.setdefault(kwargs["dest"], names[0])
     return out
 
@@ -258,10 +311,86 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo}
+    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout}
     if args.command in ("worker", "worker-probe", "jobs", "models"):
         return _trainer(args)
     return handlers[args.command](args)
+
+
+def _rollout(args) -> int:
+    """`rlhf rollout`: exit 0 when done (stream: stopped), 1 when prompts failed for good or the
+    worker could not run, 2 for bad flags."""
+    from rlhf_client.queues import PROMPTS_STREAM, SAMPLES_STREAM
+
+    from rlhf.errors import StartupError
+    from rlhf.trainer.rollout import (
+        DEFAULT_GROUP,
+        OptionError,
+        RolloutOptions,
+        cli_prompts,
+        load_prompts_file,
+        run_rollout,
+    )
+
+    prog = "rlhf rollout"
+    settings = _settings_or_exit_code(prog, args)
+    if isinstance(settings, int):
+        return settings
+    try:
+        options = RolloutOptions(
+            n=args.n, batch_prompts=args.batch_prompts, concurrency=args.concurrency,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, samples_stream=args.samples_stream or SAMPLES_STREAM,
+            model_name=args.rollout_model_name, rpc_timeout_s=args.rpc_timeout,
+            max_attempts=settings.queue_max_deliveries,
+        ).check(settings.max_prompts_per_request)
+        items = None
+        if args.prompts_file is not None:
+            if not args.prompts_file.is_file():
+                raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
+            items = load_prompts_file(args.prompts_file)
+            if not items:
+                raise ValueError(f"--prompts-file {args.prompts_file}: no prompts in it")
+        elif args.prompts is not None:
+            items = cli_prompts(args.prompts)
+        if items is not None and (args.group or args.consumer):
+            raise ValueError(f"--{'group' if args.group else 'consumer'}: applies to a prompts "
+                             "stream, not to --prompts-file / --prompt")
+    except OptionError as exc:
+        print(f"{prog}: --{exc.option.replace('_', '-')}: {exc.problem}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"{prog}: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    try:
+        if settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            from rlhf.serving.server import check_bindable
+
+            check_bindable(settings.host, settings.metrics_port, "metrics_port", what="metrics: ")
+            server, _ = start_http_server(settings.metrics_port, addr=settings.host)
+            logging.getLogger("rlhf").info("metrics listening on %s:%d", settings.host, server.server_port)
+        stats = asyncio.run(run_rollout(
+            options, policy=args.policy, reward=args.reward, reference=args.reference,
+            redis_url=settings.redis_url.get_secret_value(), token=token, items=items,
+            prompts_stream=args.prompts_stream or PROMPTS_STREAM, group=args.group or DEFAULT_GROUP,
+            consumer=args.consumer, max_deliveries=settings.queue_max_deliveries,
+            claim_idle_ms=settings.rollout_claim_idle_ms))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported as one line (the traceback with --debug)
+        return _report(prog, exc, args.debug, started=not isinstance(exc, StartupError))
+    print(json.dumps(stats.as_dict()), flush=True)
+    if stats.gave_up or stats.left:
+        logging.shutdown()
+        print(f"{prog}: {len(stats.gave_up)} prompt(s) failed every attempt, {stats.left} left "
+              f"unanswered", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _trainer(args) -> int:

@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     queue_metrics_interval_s: float = Field(
         15.0, gt=0, description="Worker: seconds between queue-depth metric refreshes."
     )
+    rollout_claim_idle_ms: int = Field(
+        30_000, ge=100,
+        description="Rollout workers: a prompt pending this long is claimed again (XAUTOCLAIM), by "
+        "any worker: a dead worker's prompts, and a failed attempt's (the retry backoff). A live "
+        "worker touches the prompts it works on every third of this.",
+    )
 
     # --- trainer: Redis outages, the reaper, temp dirs, probes (rlhf.trainer) -------------------
     job_redis_wait_s: float = Field(

@@ -118,6 +118,22 @@ def test_entries_of_a_dead_consumer_are_reclaimed(r, stream, producer):
     assert info.get("job-live") == 5 and info.get("job-dead", 0) == 0
 
 
+def test_a_long_running_consumer_reclaims_again_after_rescan(r, stream, producer):
+    ids = producer.push_many(synthetic_messages(3, seed=5, prefix=unique("p")), stream=stream)
+    live = consumer(r, stream, "job-live", claim_idle_ms=200)
+    assert [e.id for e in live.read(2)] == ids[:2]  # its first pass: nothing idle yet
+    assert len(consumer(r, stream, "job-dead").read(5)) == 1  # ... takes the third and dies
+    # one XAUTOCLAIM pass per consumer: once it is through, reads see only new entries ...
+    assert live.read(5) == []
+    wait_for(lambda: r.xpending_range(stream, GROUP, "-", "+", 1, idle=250, consumername="job-dead"),
+             timeout=10, what="the dead consumer's entry to go idle")
+    assert live.read(5) == []
+    # ... until rescan(): the dead consumer's entry, and its own untouched ones, come back
+    live.rescan()
+    got = live.read(5)
+    assert sorted(e.id for e in got) == sorted(ids) and all(e.deliveries == 2 for e in got)
+
+
 def test_heartbeat_keeps_entries_from_being_reclaimed(r, stream, producer):
     producer.push_many(synthetic_messages(3, seed=3, prefix=unique("p")), stream=stream)
     busy = consumer(r, stream, "job-busy")

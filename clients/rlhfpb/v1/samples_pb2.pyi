@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoredSample(_message.Message):
-    __slots__ = ("id", "prompt_ids", "completion_ids", "behaviour_logprobs", "reference_logprobs", "reward", "policy", "created")
+    __slots__ = ("id", "prompt_ids", "completion_ids", "behaviour_logprobs", "reference_logprobs", "reward", "policy", "created", "group_id", "finish_reason", "reward_model", "reference", "prompt", "completion", "sample_index", "prompt_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,14 @@ class ScoredSample(_message.Message):
     REWARD_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     completion_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -28,7 +36,27 @@ class ScoredSample(_message.Message):
     reward: float
     policy: _common_pb2.ModelRef
     created: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., reference_logprobs: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    group_id: str
+    finish_reason: _common_pb2.FinishReason
+    reward_model: _common_pb2.ModelRef
+    reference: _common_pb2.ModelRef
+    prompt: str
+    completion: str
+    sample_index: int
+    prompt_id: str
+    def __init__(self, id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., reference_logprobs: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., reward_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., sample_index: _Optional[int] = ..., prompt_id: _Optional[str] = ...) -> None: ...
+
+class RolloutPrompt(_message.Message):
+    __slots__ = ("id", "prompt", "created", "source")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    created: _timestamp_pb2.Timestamp
+    source: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class PreferencePair(_message.Message):
     __slots__ = ("id", "prompt", "chosen", "rejected", "created", "source")

@@ -53,3 +53,21 @@ HTTP_LATENCY = Histogram(
     "rlhf_http_latency_seconds", "HTTP request latency (streams: until the last byte), by status.",
     ["service", "route", "status"], buckets=_LATENCY_BUCKETS,
 )
+
+# Rollout workers (rlhf.trainer.rollout)
+ROLLOUT_PROMPTS = Counter(
+    "rlhf_rollout_prompts_total",
+    "Prompts rollout workers handled, by result: done (group pushed), failed (an attempt; "
+    "retried), duplicate (answered before), dead_lettered.",
+    ["result"],
+)
+ROLLOUT_SAMPLES = Counter("rlhf_rollout_samples_total", "ScoredSamples rollout workers pushed.")
+ROLLOUT_STALE = Counter(
+    "rlhf_rollout_stale_samples_total",
+    "Samples rollout workers discarded: made by a policy version that was no longer active.",
+)
+ROLLOUT_IN_FLIGHT = Gauge("rlhf_rollout_in_flight_batches", "Batches a rollout worker is working on.")
+ROLLOUT_BATCH_SECONDS = Histogram(
+    "rlhf_rollout_batch_seconds", "Time from reading a batch of prompts to pushing its samples.",
+    buckets=_LATENCY_BUCKETS,
+)

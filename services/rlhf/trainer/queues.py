@@ -141,6 +141,17 @@ class StreamConsumer:
         res = self._read_new(want, block_ms)
         return (res[0][1] if res else []), True
 
+    def rescan(self) -> None:
+        """Make the next `read` run another `XAUTOCLAIM` pass (when the last one is through).
+
+        A job reads its backlog once; a long-running consumer (a rollout worker) calls this
+        periodically, to pick up entries a dead consumer left, or entries it stopped touching
+        itself (a failed attempt, retried once idle past `claim_idle_ms`: the claim counts a
+        delivery, so a prompt that keeps failing is dead-lettered after `max_deliveries`).
+        """
+        if self._claim_cursor is None:
+            self._claim_cursor = "0-0"
+
     def _read_new(self, want: int, block_ms: int | None):
         """`XREADGROUP ... >`, waiting up to `block_ms` as a loop of waits of at most
         `MAX_BLOCK_MS` (each one well inside the client's read timeout)."""
