@@ -108,6 +108,8 @@ def test_follows_registry_under_load_with_zero_failures(following_policy, policy
     pv = policy_versions
     name, (v1, v2) = pv["name"], pv["versions"]
     target = following_policy.target
+    with PolicyClient(target, timeout=60) as c:
+        assert c.get_model().follows_registry  # what rollout workers check before following it
     stop = threading.Event()
     failures: list[BaseException] = []
     seen_versions: set[str] = set()

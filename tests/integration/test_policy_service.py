@@ -40,7 +40,7 @@ def test_text_and_token_prompts_agree(client):
 
 def test_every_response_names_the_model(client, tiny_policy_dir):
     info = client.get_model()
-    assert info.kind == "policy" and info.backend == "hf"
+    assert info.kind == "policy" and info.backend == "hf" and not info.follows_registry
     assert info.model.name == tiny_policy_dir.name and info.model.version.startswith("pinned-")
     assert client.generate(PROMPTS[:1], GREEDY).model == info.model
 

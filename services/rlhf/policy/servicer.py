@@ -85,7 +85,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             )
 
     async def GetModel(self, request, context):
-        return get_model_response(self._gen.engine.info)
+        return get_model_response(self._gen.engine.info, self._swapper)
 
     async def LoadVersion(self, request: common_pb2.LoadVersionRequest, context):
         result = await self._swapper.load_version(request.version)

@@ -26,7 +26,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
         )
 
     async def GetModel(self, request, context):
-        return get_model_response(self._model.info)
+        return get_model_response(self._model.info, self._swapper)
 
     async def LoadVersion(self, request: common_pb2.LoadVersionRequest, context):
         result = await self._swapper.load_version(request.version)

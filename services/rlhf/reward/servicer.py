@@ -51,7 +51,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     async def GetModel(self, request, context):
-        return get_model_response(self._scorer.info)
+        return get_model_response(self._scorer.info, self._swapper)
 
     async def LoadVersion(self, request: common_pb2.LoadVersionRequest, context):
         result = await self._swapper.load_version(request.version)

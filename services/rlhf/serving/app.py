@@ -108,6 +108,7 @@ class ServiceApp:
         if settings.model_name is not None and swapper is not None:
             from rlhf.serving.follow import RegistryFollower
 
+            swapper.follows_registry = True  # GetModel says so: rollout workers rely on it
             self.follower = RegistryFollower(
                 swapper, settings.redis_url.get_secret_value(), settings.model_name, settings.swap_poll_s
             )

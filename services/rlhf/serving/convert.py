@@ -11,14 +11,15 @@ def model_ref_pb(ref: ModelRef) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=ref.name, version=ref.version)
 
 
-def get_model_response(info: ModelInfo) -> common_pb2.GetModelResponse:
+def get_model_response(info: ModelInfo, swapper=None) -> common_pb2.GetModelResponse:
+    """`follows_registry`: the model's own flag, or whether a registry follower drives `swapper`."""
     return common_pb2.GetModelResponse(
         model=model_ref_pb(info.ref),
         backend=info.backend,
         max_context=info.max_context,
         vocab_size=info.vocab_size,
         kind=info.kind,
-        follows_registry=info.follows_registry,
+        follows_registry=info.follows_registry or bool(getattr(swapper, "follows_registry", False)),
     )
 
 

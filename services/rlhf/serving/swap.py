@@ -71,6 +71,7 @@ class Swapper:
         self.label = service_label
         self.dtype = dtype
         self._lock = asyncio.Lock()
+        self.follows_registry = False  # set by ServiceApp when a RegistryFollower drives it
 
     def version_dir(self, name: str, version: str) -> Path:
         if not version or "/" in version or version.startswith("."):
