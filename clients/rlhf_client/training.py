@@ -170,6 +170,11 @@ class TrainingClient:
         """Queue a DPO job on a policy (fields: `rlhf.trainer.jobs.DPOJob`)."""
         return self.submit({**spec, "type": "dpo"})
 
+    def submit_ppo(self, **spec: Any) -> str:
+        """Queue a PPO / GRPO / RLOO / REINFORCE++ job on a policy, trained on scored samples
+        (fields: `rlhf.trainer.jobs.PPOJob`; `advantage_estimator` picks the algorithm)."""
+        return self.submit({**spec, "type": "ppo"})
+
     # ------------------------------------------------------------------ follow
     def status(self, job_id: str) -> JobRecord:
         rec = read_job(self.r, job_id)

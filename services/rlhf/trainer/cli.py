@@ -71,10 +71,14 @@ def add_parsers(sub) -> None:
     jl = _leaf(jobs_sub, "list", "newest jobs first")
     jl.add_argument("--limit", type=int, default=20)
     jl.add_argument("--status", choices=["queued", "running", "succeeded", "failed"])
-    js = _leaf(jobs_sub, "show", "one job's record")
+    store = [(("--store",), dict(dest="store_dir", type=Path, help="model store root"))]
+    js = _leaf(jobs_sub, "show", "one job's record", store)
     js.add_argument("job_id")
+    js.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                    help="a PPO job: draw its per-step curves (training_curves.json in the "
+                    "version it published) into this PNG")
     jsub = _leaf(jobs_sub, "submit", "validate and queue a job spec (JSON file, - for stdin)")
-    jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model)')
+    jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model, dpo, ppo)')
     jsub.add_argument("--wait", action="store_true", help="wait until it finishes")
     jsub.add_argument("--timeout", type=float, default=24 * 3600.0)
     jr = _leaf(jobs_sub, "reap", "re-queue queued/running jobs whose lease expired and whose "
@@ -85,7 +89,6 @@ def add_parsers(sub) -> None:
 
     models = sub.add_parser("models", help="model versions: list, show, activate, rollback")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    store = [(("--store",), dict(dest="store_dir", type=Path, help="model store root"))]
     _leaf(models_sub, "list", "every model with its active version", store)
     ms = _leaf(models_sub, "show", "a model's versions, or one version's manifest", store)
     ms.add_argument("name")
@@ -260,6 +263,8 @@ def run_jobs(args, settings) -> int:
         if args.jobs_command == "show":
             rec = tc.status(args.job_id)
             _print(rec.to_dict(), True, "")
+            if getattr(args, "plot", None) is not None:
+                return _plot_job(rec, args.plot, settings)
             return 0
         if args.jobs_command == "reap":
             from rlhf.trainer.reaper import reap_once
@@ -290,6 +295,25 @@ def run_jobs(args, settings) -> int:
         return 1
     finally:
         tc.close()
+
+
+def _plot_job(rec, png: Path, settings) -> int:
+    """Draw the training curves of the version job `rec` published (PPO jobs write them)."""
+    from rlhf.trainer.ppo import plot_ppo_curves
+
+    name = rec.spec.get("model_name")
+    if rec.version is None or not name:
+        print(f"rlhf jobs show: job {rec.id} has published no version (status {rec.status})",
+              file=sys.stderr)
+        return 1
+    try:
+        plot_ppo_curves(Path(settings.store_dir) / name / rec.version, png,
+                        title=f"{name} {rec.version} (job {rec.id})")
+    except (OSError, ValueError) as exc:
+        print(f"rlhf jobs show: no curves to plot: {exc}", file=sys.stderr)
+        return 1
+    print(f"curves written to {png}", file=sys.stderr)
+    return 0
 
 
 def run_models(args, settings) -> int:

@@ -640,9 +640,10 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
     """
     from rlhf.serving.metrics import TRAIN_METRIC
     from rlhf.trainer.jobs import JobResult
-    from rlhf.trainer.pipeline import publish_and_finish, read_inputs
+    from rlhf.trainer.pipeline import PREFERENCES, publish_and_finish, read_inputs
 
-    got = read_inputs(spec, ctx, job_type=JOB_TYPE, metric_keys=METRIC_KEYS, stage={"stage": "reference"})
+    got = read_inputs(spec, ctx, reader=PREFERENCES, job_type=JOB_TYPE, metric_keys=METRIC_KEYS,
+                      stage={"stage": "reference"})
     if isinstance(got, JobResult):
         return got
     settings = ctx.settings

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from rlhf_client.queues import PREFERENCES_STREAM
+from rlhf_client.queues import PREFERENCES_STREAM, SAMPLES_STREAM
 from rlhf_client.redis_conn import connect
 from rlhf_client.registry import Registry
 from rlhf_client.training import JOBS_INDEX, TERMINAL_STATUSES, JobRecord, job_key, read_job
@@ -56,6 +56,15 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 class JobRejected(ValueError):
     """A job spec that cannot run; the message names every offending field."""
+
+
+class SpecProblems(ValueError):
+    """Raised by a spec's cross-field check: one (field, message) per problem, so that
+    `parse_spec` names each field as it names a field-level error."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
+        self.problems = problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,37 +237,246 @@ class DPOJob(_Spec):
         return self.loss_type not in REFERENCE_FREE_LOSSES
 
 
+def _rejected(field: str, message: str) -> JobRejected:
+    return JobRejected(f"job spec rejected:\n  {field}: {message}")
+
+
+def _check_safe_dir(field: str, path: str | None) -> None:
+    if path is None:
+        return
+    from rlhf.models.loading import check_safe_dir
+
+    try:
+        check_safe_dir(path)
+    except ValueError as exc:
+        raise _rejected(field, str(exc)) from None
+
+
+def _check_data_source(spec, client: redis.Redis, *, count_jsonl: Callable[[str], int],
+                       noun: str, minimum: int) -> None:
+    """A JSONL file must exist and hold at least `minimum` usable items (counted by
+    `count_jsonl`, which raises `DataError`); a stream must not be empty unless the job waits
+    for entries (`block_ms` > 0)."""
+    if spec.source.type == "jsonl":
+        from rlhf.trainer.data import DataError
+
+        try:
+            n = count_jsonl(spec.source.path)
+        except DataError as exc:
+            raise _rejected("source.path", str(exc)) from None
+        if n < minimum:
+            raise _rejected("source.path", f"{spec.source.path} holds {n} {noun}; the job needs "
+                            f"at least {minimum}")
+    elif not spec.source.block_ms and not client.xlen(spec.source.stream):
+        short = noun.split()[-1]
+        raise _rejected("source.stream", f"{spec.source.stream!r} is empty (push {short} first, "
+                        "or set source.block_ms to wait for them)")
+
+
 def check_dpo_submit(spec: "DPOJob", client: redis.Redis) -> None:
     """Submit-time checks beyond the spec and the registry (submit where the worker's files are
     visible: a shared volume): a `base_dir` must be a safe checkpoint directory; a JSONL file
     must exist and hold at least `min_pairs` usable pairs; a stream must not be empty unless the
     job waits for entries (`block_ms` > 0)."""
-    if spec.base_dir is not None:
-        from rlhf.models.loading import check_safe_dir
+    from rlhf.trainer.data import read_jsonl
 
-        try:
-            check_safe_dir(spec.base_dir)
-        except ValueError as exc:
-            raise JobRejected(f"job spec rejected:\n  base_dir: {exc}") from None
-    if spec.source.type == "jsonl":
-        from rlhf.trainer.data import DataError, read_jsonl
+    _check_safe_dir("base_dir", spec.base_dir)
+    _check_data_source(spec, client, count_jsonl=lambda p: len(read_jsonl(p)),
+                       noun="preference pairs", minimum=spec.min_pairs)
 
-        try:
-            n = len(read_jsonl(spec.source.path))
-        except DataError as exc:
-            raise JobRejected(f"job spec rejected:\n  source.path: {exc}") from None
-        if n < spec.min_pairs:
-            raise JobRejected(f"job spec rejected:\n  source.path: {spec.source.path} holds {n} "
-                              f"preference pairs; the job needs at least {spec.min_pairs}")
-    elif not spec.source.block_ms and not client.xlen(spec.source.stream):
-        raise JobRejected(f"job spec rejected:\n  source.stream: {spec.source.stream!r} is empty "
-                          "(push pairs first, or set source.block_ms to wait for them)")
+
+# --- PPO and the critic-free family (the job function is rlhf.trainer.ppo.run_ppo_job) ---------
+
+#: Advantage estimators: the keys of rlhf.trainer.advantages.ESTIMATORS (a unit test keeps them
+#: equal; written out here so that validating a spec never imports torch).
+AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                             "reinforce_pp_baseline"]
+#: Estimators that compare the n samples of one prompt: they need group_size ≥ 2.
+GROUP_ESTIMATORS: frozenset[str] = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
+#: Per-token KL estimators: the keys of rlhf.trainer.advantages.KL_ESTIMATORS.
+KLEstimator = Literal["k1", "k2", "k3"]
+#: Loss aggregations: the keys of rlhf.trainer.ppo_losses.LOSS_AGGREGATIONS.
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+class SamplesStreamSource(StreamSource):
+    """ScoredSamples from a Redis stream (what rollout workers push), in PPO's consumer group."""
+
+    stream: str = Field(SAMPLES_STREAM, min_length=1, description="Stream to read.")
+    group: str = Field("ppo", pattern=_NAME, description="Consumer group (its own read position "
+                       "and applied-id set: one per policy lineage).")
+    max_entries: int = Field(1024, gt=0, description="Most samples one job reads: one PPO "
+                             "iteration's batch.")
+
+
+class CriticSpec(_Spec):
+    """Where the value model (critic) starts when the base version carries none (`<base>/value/`
+    always wins: the critic goes on from version to version).
+
+    `init_dir`: a reward-model directory; `init_model` (+ `init_version`, default its active
+    version): a reward model in the store and registry. Neither: the policy's own backbone with
+    a zero-initialised value head. A reward model must share the policy's vocabulary."""
+
+    init_dir: str | None = Field(None, description="A reward model (sequence classifier) "
+                                 "directory.")
+    init_model: str | None = Field(None, pattern=_NAME, description="A reward model's name.")
+    init_version: str | None = Field(None, pattern=_NAME, description="Its version (unset: the "
+                                     "active one).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CriticSpec":
+        if self.init_dir is not None and self.init_model is not None:
+            raise ValueError("set init_dir or init_model, not both")
+        if self.init_version is not None and self.init_model is None:
+            raise ValueError("init_version needs init_model (the reward model it is a version of)")
+        return self
+
+    @property
+    def is_set(self) -> bool:
+        return self.init_dir is not None or self.init_model is not None
+
+
+class PPOJob(_Spec):
+    """Policy optimisation on scored samples: PPO with a critic (`gae`) or a critic-free
+    estimator over the n samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++).
+
+    Per token r_t = −β·KL_t (`kl_in` "reward"), plus the sample's score at its last token;
+    advantages by `advantage_estimator`; loss = PPO-clip(ρ = π_θ / π_behaviour) + vf_coef·value
+    loss − entropy_coef·entropy (+ β·KL with `kl_in` "loss"), several epochs over shuffled
+    minibatches. The math is in rlhf.trainer.advantages and rlhf.trainer.ppo_losses."""
+
+    type: Literal["ppo"] = "ppo"
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
+    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
+                            "publish to.")
+    base_dir: str | None = Field(None, description="Start from this HF directory (a first "
+                                 "version); unset: from base_version of model_name.")
+    base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
+                                     "of model_name; unset (and no base_dir): its active version.")
+    source: Annotated[Union[SamplesStreamSource, JsonlSource], Field(discriminator="type")]
+    min_samples: int = Field(1, ge=1, description="Fewer usable (fresh) samples than this: the "
+                             "job fails.")
+    # advantages and rewards
+    advantage_estimator: AdvantageEstimator = "gae"
+    group_size: int = Field(1, ge=1, description="Samples per prompt the rollout makes (n); ≥ 2 "
+                            "for grpo, dr_grpo, rloo and reinforce_pp_baseline.")
+    kl_estimator: KLEstimator = Field("k1", description="k1 = d, k2 = ½d², k3 = e^{−d} − 1 + d "
+                                      "with d = log π − log π_ref.")
+    kl_in: Literal["reward", "loss"] = Field("reward", description="KL as a per-token reward "
+                                             "penalty (PPO) or as a loss term (GRPO).")
+    kl_coef: float = Field(0.05, ge=0, description="β (the starting β when kl_target is set).")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive β towards this KL per "
+                                    "sequence (None: β fixed).")
+    kl_horizon: int = Field(10_000, gt=0, description="Adaptive β's horizon, in samples.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    whiten_advantages: bool = True
+    whiten_rewards: bool = Field(False, description="Scale the batch's scores to unit variance "
+                                 "(mean kept) before they become rewards.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip scores to ±this.")
+    missing_eos_penalty: float | None = Field(None, description="Added to the score of a sample "
+                                              "that did not end (no EOS / stop).")
+    # losses
+    clip_eps: float = Field(0.2, gt=0, description="ε (ε_low): ρ clipped to [1 − ε, 1 + ε_high].")
+    clip_eps_high: float | None = Field(None, gt=0, description="ε_high (None: clip_eps).")
+    dual_clip: float | None = Field(None, gt=1, description="Dual clip c (e.g. 3): for A < 0 the "
+                                    "loss is at most −c·A.")
+    value_clip_eps: float | None = Field(0.2, gt=0, description="ε_v: V clipped to V_old ± ε_v "
+                                         "in the value loss (None: no clip).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    loss_aggregation: LossAggregation | None = Field(None, description="None: token-mean, but "
+                                                     "seq-mean-token-sum-norm for dr_grpo.")
+    max_new_tokens_norm: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm's "
+                                            "constant (None: the batch's longest completion).")
+    # optimisation
+    ppo_epochs: int = Field(4, ge=1, le=1000, description="Passes over the batch.")
+    minibatch_size: int = Field(8, ge=1, le=65536, description="Samples per optimizer step.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches a minibatch is "
+                                  "computed in (memory only: the gradient is the same).")
+    learning_rate: float = Field(1e-6, gt=0, le=1)
+    value_learning_rate: float = Field(1e-5, gt=0, le=1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip each model's gradients to "
+                                        "this norm.")
+    max_approx_kl: float | None = Field(None, gt=0, description="Stop the epochs when a "
+                                        "minibatch's approx-KL to the behaviour policy passes "
+                                        "this (None: never).")
+    max_staleness: int = Field(1, ge=0, description="Train on samples of the base version or at "
+                               "most this many versions before it; older ones are dropped.")
+    critic: CriticSpec = Field(default_factory=CriticSpec)
+    seed: int = 0
+    activate: bool = Field(False, description="Make the new version the active one.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOJob":
+        problems: list[tuple[str, str]] = []
+        if self.base_dir is not None and self.base_version is not None:
+            problems.append(("base_version", "set base_dir or base_version, not both"))
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.group_size < 2:
+            problems.append(("group_size", f"advantage_estimator {self.advantage_estimator!r} "
+                             f"compares the samples of one prompt: it needs group_size ≥ 2, "
+                             f"got {self.group_size}"))
+        if self.kl_target is not None and self.kl_coef == 0:
+            problems.append(("kl_coef", "an adaptive β (kl_target set) starts from kl_coef > 0 "
+                             "(β = 0 never moves)"))
+        if self.critic.is_set and self.advantage_estimator != "gae":
+            problems.append(("critic", f"only advantage_estimator 'gae' uses a critic, not "
+                             f"{self.advantage_estimator!r}"))
+        if self.max_new_tokens_norm is not None and self.aggregation != "seq-mean-token-sum-norm":
+            problems.append(("max_new_tokens_norm", "applies to loss_aggregation "
+                             f"'seq-mean-token-sum-norm' only, not {self.aggregation!r}"))
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            problems.append(("adam_betas", "must both lie in [0, 1)"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation in force: `loss_aggregation`, else Dr. GRPO's constant
+        normaliser for dr_grpo and token-mean for the others."""
+        if self.loss_aggregation is not None:
+            return self.loss_aggregation
+        return "seq-mean-token-sum-norm" if self.advantage_estimator == "dr_grpo" else "token-mean"
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+
+def check_ppo_submit(spec: "PPOJob", client: redis.Redis) -> None:
+    """Submit-time checks like `check_dpo_submit` (a safe `base_dir`, a JSONL file with at least
+    `min_samples` samples, a non-empty stream unless the job waits), plus the critic: a safe
+    `critic.init_dir`, a registered `critic.init_model` version."""
+    from rlhf.trainer.ppo import read_samples_jsonl
+
+    _check_safe_dir("base_dir", spec.base_dir)
+    _check_safe_dir("critic.init_dir", spec.critic.init_dir)
+    if spec.critic.init_model is not None:
+        registry = Registry(client)
+        name, version = spec.critic.init_model, spec.critic.init_version
+        versions = registry.versions(name)
+        if version is not None and version not in versions:
+            raise _rejected("critic.init_version", f"model {name!r} has no version {version!r} "
+                            f"(it has {versions or 'none'})")
+        if version is None and registry.active(name) is None:
+            raise _rejected("critic.init_model", f"model {name!r} has no active version; pass "
+                            "critic.init_version or critic.init_dir")
+    _check_data_source(spec, client, count_jsonl=lambda p: len(read_samples_jsonl(p)),
+                       noun="scored samples", minimum=spec.min_samples)
 
 
 # -------------------------------------------------------------------------------------------------
 
-JOB_TYPES: dict[str, type[_Spec]] = {"reward_model": RewardModelJob, "dpo": DPOJob}
-JobSpec = Union[RewardModelJob, DPOJob]  # the union of JOB_TYPES' values
+JOB_TYPES: dict[str, type[_Spec]] = {"reward_model": RewardModelJob, "dpo": DPOJob, "ppo": PPOJob}
+JobSpec = Union[RewardModelJob, DPOJob, PPOJob]  # the union of JOB_TYPES' values
 
 
 def parse_spec(data: dict[str, Any] | _Spec) -> JobSpec:
@@ -276,8 +494,13 @@ def parse_spec(data: dict[str, Any] | _Spec) -> JobSpec:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            lines.append(f"  {where}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"])
+            problem = (err.get("ctx") or {}).get("error")
+            if isinstance(problem, SpecProblems):  # a cross-field check: it names its fields
+                lines.extend(f"  {'.'.join(filter(None, (where, f)))}: {m}"
+                             for f, m in problem.problems)
+                continue
+            lines.append(f"  {where or 'spec'}: {err['msg']}")
         raise JobRejected(f"{kind} job spec rejected:\n" + "\n".join(lines)) from None
 
 
@@ -482,15 +705,18 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
     """Validate a spec, record the job and queue its Celery task; returns the job id.
 
     Raises `JobRejected` (nothing is queued) when the spec is invalid, names a base version
-    that does not exist, or reuses a job id (a DPO job also when its data source is empty).
+    that does not exist, or reuses a job id (a DPO or PPO job also when its data source is
+    empty).
     """
     from rlhf.trainer.celery_app import send_job
 
     spec = parse_spec(data)
     r = client or connect(redis_url, decode_responses=True)
     check_against_registry(spec, Registry(r))
-    if isinstance(spec, DPOJob):  # DPO: an empty dataset is rejected here, not in the worker
+    if isinstance(spec, DPOJob):  # an empty dataset is rejected here, not in the worker
         check_dpo_submit(spec, r)
+    elif isinstance(spec, PPOJob):
+        check_ppo_submit(spec, r)
     jobs = JobStore(r)
     jobs.create(spec)
     try:

@@ -30,6 +30,14 @@ position it has alone; the model builds each layer's mask from the 2D one), spli
 forward passes of similar lengths (`length_groups`);
 models whose head does more than a linear projection (logit soft-capping, logit scaling) go
 through the model's own forward with `logits_to_keep`. All paths give the same values.
+
+PPO needs two more numbers per completion token, computed the same way:
+- the policy's entropy at the position that predicts the token (`completion_logprobs(...,
+  entropy=True)`): fused with the log-prob in the same tiles, so it costs no second pass and no
+  `(N, vocab)` tensor is kept for backward either;
+- the critic's value V(prompt + completion[:i]) (`completion_values`): a
+  `*ForSequenceClassification` model's score head (one label) on the backbone's hidden state at
+  the same positions, packed exactly like the log-probs.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ __all__ = [
     "PackedBatch",
     "pack_sequences",
     "completion_logprobs",
+    "completion_values",
     "fused_token_logprobs",
+    "fused_token_logprobs_entropy",
 ]
 
 #: Rows of hidden states projected through the LM head at a time (logits of one tile: rows × V).
@@ -78,11 +88,13 @@ class SequenceBatch:
 @dataclass(frozen=True)
 class SequenceLogprobs:
     """Per-row sums `(R,)` (float64, graph attached when grad is on), token counts `(R,)`, and the
-    per-token values `(N,)` in row order (row 0's tokens first)."""
+    per-token values `(N,)` in row order (row 0's tokens first); with `entropy=True` also the
+    entropy of the distribution each token was predicted from, `(N,)` in the same order."""
 
     sums: torch.Tensor  # (R,) float64
     counts: torch.Tensor  # (R,) long
     tokens: torch.Tensor  # (N,)
+    entropy: torch.Tensor | None = None  # (N,) fp32, graph attached when grad is on
 
     def per_row(self) -> list[list[float]]:
         """The per-token values split by row (plain floats)."""
@@ -187,6 +199,68 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
+class _FusedTokenLogprobsEntropy(torch.autograd.Function):
+    """(log softmax(z)[target], H(softmax(z))) per row with z = h·Wᵀ + b, tile by tile; backward
+    recomputes each tile. Saves only the inputs, like `_FusedTokenLogprobs`.
+
+    With p = softmax(z): ∂ log p_t/∂z = onehot(t) − p and ∂H/∂z = −p ⊙ (log p + H).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tile):  # hidden (N, H), weight (V, H)
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, tile):
+            logits = _tile_logits(hidden[s : s + tile], weight, bias)  # (n, V) fp32
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            logp[s : s + tile] = logits.gather(-1, targets[s : s + tile, None])[:, 0] - lse
+            p = torch.softmax(logits, dim=-1)  # (n, V)
+            ent[s : s + tile] = lse - (p * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.tile = tile
+        ctx.set_materialize_grads(False)
+        return logp, ent  # (N,), (N,)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):  # (N,) or None each
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_ent is None:
+            return None, None, None, None, None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_b and bias is not None else None)
+        for s in range(0, hidden.shape[0], ctx.tile):
+            h = hidden[s : s + ctx.tile]
+            logits = _tile_logits(h, weight, bias)  # (n, V)
+            logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
+            p = logp_all.exp()  # (n, V)
+            d = torch.zeros_like(logits)  # (n, V) ∂loss/∂z
+            if grad_logp is not None:
+                g = grad_logp[s : s + ctx.tile, None].float()  # (n, 1)
+                d -= p * g
+                d.scatter_add_(-1, targets[s : s + ctx.tile, None], g)
+            if grad_ent is not None:
+                g = grad_ent[s : s + ctx.tile, None].float()  # (n, 1)
+                entropy = -(p * logp_all).sum(-1, keepdim=True)  # (n, 1)
+                d -= p * (logp_all + entropy) * g
+            if need_h:
+                grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
+            if need_w:
+                grad_w.addmm_(d.t(), h.float())  # (V, H)
+            if grad_b is not None:
+                grad_b += d.sum(0)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
 def _tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     logits = h.float() @ weight.float().t()  # (n, V) fp32
     if bias is not None:
@@ -203,6 +277,18 @@ def fused_token_logprobs(
 ) -> torch.Tensor:
     """log softmax(head(hidden))[targets] per row, `(N,)` fp32, never holding `(N, V)` logits."""
     return _FusedTokenLogprobs.apply(hidden, head.weight, head.bias, targets, tile)
+
+
+def fused_token_logprobs_entropy(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    *,
+    tile: int = _HEAD_TILE_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(head(hidden))[targets], entropy of softmax(head(hidden))), each `(N,)` fp32,
+    in one pass over the tiles, never holding `(N, V)` logits."""
+    return _FusedTokenLogprobsEntropy.apply(hidden, head.weight, head.bias, targets, tile)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +468,8 @@ def _unit_len(unit, sequences) -> int:
     return len(unit[0]) + sum(len(sequences[i][1]) for i in unit[1])
 
 
-def _forward_packed(model, packed: PackedBatch, head) -> torch.Tensor:
+def _forward_packed(model, packed: PackedBatch) -> torch.Tensor:
+    """The backbone's hidden states `(N, H)` at the positions that predict each target."""
     device = next(model.parameters()).device
     mask = packed.mask.to(device)
     if (getattr(model.config, "_attn_implementation", None) or "eager") == "eager":
@@ -394,28 +481,79 @@ def _forward_packed(model, packed: PackedBatch, head) -> torch.Tensor:
         position_ids=packed.position_ids.to(device), use_cache=False,
     ).last_hidden_state  # (R, W, H)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    targets = packed.targets.to(device)
-    return fused_token_logprobs(flat[packed.src.to(device)], head, targets)  # (N,)
+    return flat[packed.src.to(device)]  # (N, H)
 
 
-def _forward_group(model, batch: SequenceBatch, head) -> torch.Tensor:
-    """Per-token log-probs `(N,)` of one right-padded batch."""
+def _hidden_group(model, batch: SequenceBatch) -> torch.Tensor:
+    """The backbone's hidden states `(N, H)` at the positions that predict each completion
+    token of one right-padded batch."""
+    device = next(model.parameters()).device
+    out = model.base_model(input_ids=batch.input_ids.to(device),
+                           attention_mask=batch.attention_mask.to(device), use_cache=False)
+    return out.last_hidden_state[batch.rows.to(device), batch.pos.to(device)]  # (N, H)
+
+
+def _logits_group(model, batch: SequenceBatch) -> torch.Tensor:
+    """Generic path (a head that is more than a linear layer): the model's own logits `(N, V)`
+    fp32 at the positions that predict each completion token, computed only from the first
+    position any row needs."""
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    rows, pos = batch.rows.to(device), batch.pos.to(device)
-    targets = batch.targets.to(device)
-    if head is not None:
-        out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state
-        return fused_token_logprobs(hidden[rows, pos], head, targets)  # (N,)
-    # Generic path: the model's own head, logits only from the first position any row needs.
     width = ids.shape[1]
     first = int(batch.pos.min())
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+    logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False,
                    logits_to_keep=width - first).logits
-    picked = logits[rows, pos - (width - logits.shape[1])].float()  # (N, V)
-    return picked.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(picked, dim=-1)
+    rows, pos = batch.rows.to(device), batch.pos.to(device)
+    return logits[rows, pos - (width - logits.shape[1])].float()  # (N, V)
+
+
+def _completion_hidden(
+    model,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    pack: bool,
+    pack_width: int | None,
+    share_prompts: bool,
+    forward_cost_tokens: int | None,
+) -> torch.Tensor:
+    """The backbone's hidden states `(N, H)` at the position predicting every completion token,
+    in the sequences' order: packed where the model allows it, else right-padded in groups of
+    similar lengths (see `completion_logprobs`)."""
+    longest = max(len(p) + len(c) for p, c in sequences)
+    packable, window = _pack_window(model, longest) if pack else (False, None)
+    if packable:
+        unit: dict[tuple[int, ...], int] = {}  # prompt → prompt + all its completions
+        for p, c in sequences:
+            unit[tuple(p)] = unit.get(tuple(p), len(p)) + len(c)
+        # wide enough for the longest row and for a prompt with two completions (a DPO pair)
+        width = max(pack_width or DEFAULT_PACK_WIDTH, longest,
+                    min(max(unit.values()), 2 * longest) if share_prompts else longest)
+        packed, _ = pack_sequences(sequences, width=width, pad_id=pad_id,
+                                   share_prompts=share_prompts, sliding_window=window)
+        return _forward_packed(model, packed)  # (N, H) in row order
+    parts: list[torch.Tensor | None] = [None] * len(sequences)  # per-row hidden states
+    for group in _groups(sequences, forward_cost_tokens):
+        batch = make_batch([sequences[i] for i in group], pad_id)
+        hidden = _hidden_group(model, batch)  # (n, H)
+        for r, values in zip(group, torch.split(hidden, batch.completion_len.tolist())):
+            parts[r] = values
+    return torch.cat(parts)  # (N, H) in row order
+
+
+def _groups(sequences, forward_cost_tokens: int | None) -> list[list[int]]:
+    if forward_cost_tokens is None:
+        return [list(range(len(sequences)))]
+    lengths = [len(p) + len(c) for p, c in sequences]
+    return length_groups(lengths, forward_cost_tokens=forward_cost_tokens)
+
+
+def _check_rows(sequences) -> None:
+    if not sequences:
+        raise ValueError("no sequences")
+    for i, (prompt, completion) in enumerate(sequences):
+        if len(prompt) < 1 or len(completion) < 1:
+            raise ValueError(f"sequence {i}: prompt and completion need at least one token each")
 
 
 def completion_logprobs(
@@ -427,6 +565,7 @@ def completion_logprobs(
     pack_width: int | None = None,
     share_prompts: bool = True,
     forward_cost_tokens: int | None = DEFAULT_FORWARD_COST_TOKENS,
+    entropy: bool = False,
 ) -> SequenceLogprobs:
     """log π of every completion token of every `(prompt_ids, completion_ids)` row.
 
@@ -441,38 +580,74 @@ def completion_logprobs(
     (`share_prompts`); only each packed row's tail is padding. Otherwise (or `pack=False`) rows
     are right-padded and grouped by length into a few forward passes (`forward_cost_tokens`:
     fixed cost of one pass in tokens; None: one pass).
+
+    `entropy=True` also returns the entropy of each predicting distribution (`.entropy`, `(N,)`,
+    with gradients), fused with the log-probs (no `(N, vocab)` tensor is kept).
     """
-    if not sequences:
-        raise ValueError("no sequences")
+    _check_rows(sequences)
     head = _simple_head(model)
     counts = torch.tensor([len(c) for _, c in sequences], dtype=torch.long)
-    longest = max(len(p) + len(c) for p, c in sequences)
-    packable, window = _pack_window(model, longest) if pack and head is not None else (False, None)
-    if packable:
-        unit: dict[tuple[int, ...], int] = {}  # prompt → prompt + all its completions
-        for p, c in sequences:
-            unit[tuple(p)] = unit.get(tuple(p), len(p)) + len(c)
-        # wide enough for the longest row and for a prompt with two completions (a DPO pair)
-        width = max(pack_width or DEFAULT_PACK_WIDTH, longest,
-                    min(max(unit.values()), 2 * longest) if share_prompts else longest)
-        packed, _ = pack_sequences(sequences, width=width, pad_id=pad_id,
-                                   share_prompts=share_prompts, sliding_window=window)
-        tokens = _forward_packed(model, packed, head)  # (N,) in row order
-    else:
-        lengths = [len(p) + len(c) for p, c in sequences]
-        if forward_cost_tokens is None:
-            groups = [list(range(len(sequences)))]
+    ent: torch.Tensor | None = None
+    if head is not None:
+        hidden = _completion_hidden(model, sequences, pad_id=pad_id, pack=pack,
+                                    pack_width=pack_width, share_prompts=share_prompts,
+                                    forward_cost_tokens=forward_cost_tokens)  # (N, H)
+        targets = torch.tensor([t for _, c in sequences for t in c], dtype=torch.long,
+                               device=hidden.device)
+        if entropy:
+            tokens, ent = fused_token_logprobs_entropy(hidden, head, targets)  # (N,), (N,)
         else:
-            groups = length_groups(lengths, forward_cost_tokens=forward_cost_tokens)
+            tokens = fused_token_logprobs(hidden, head, targets)  # (N,)
+    else:  # the model's own head (soft-capping, scaling ...): right-padded, its own logits
         parts: list[torch.Tensor | None] = [None] * len(sequences)  # per-row token values
-        for group in groups:
+        ent_parts: list[torch.Tensor | None] = [None] * len(sequences)
+        for group in _groups(sequences, forward_cost_tokens):
             batch = make_batch([sequences[i] for i in group], pad_id)
-            lp = _forward_group(model, batch, head)  # (n,)
-            for r, values in zip(group, torch.split(lp, batch.completion_len.tolist())):
+            picked = _logits_group(model, batch)  # (n, V)
+            targets = batch.targets.to(picked.device)
+            lse = torch.logsumexp(picked, dim=-1)  # (n,)
+            lp = picked.gather(-1, targets[:, None])[:, 0] - lse  # (n,)
+            split = batch.completion_len.tolist()
+            for r, values in zip(group, torch.split(lp, split)):
                 parts[r] = values
+            if entropy:
+                h = lse - (torch.softmax(picked, dim=-1) * picked).sum(-1)  # (n,)
+                for r, values in zip(group, torch.split(h, split)):
+                    ent_parts[r] = values
         tokens = torch.cat(parts)  # (N,) in row order
+        ent = torch.cat(ent_parts) if entropy else None
     row_of = torch.repeat_interleave(torch.arange(len(sequences)), counts).to(tokens.device)
     sums = torch.zeros(len(sequences), dtype=torch.float64, device=tokens.device).index_add(
         0, row_of, tokens.double()
     )  # (R,) accumulated in float64
-    return SequenceLogprobs(sums=sums, counts=counts, tokens=tokens)
+    return SequenceLogprobs(sums=sums, counts=counts, tokens=tokens, entropy=ent)
+
+
+def completion_values(
+    model,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    pack: bool = True,
+    pack_width: int | None = None,
+    share_prompts: bool = True,
+    forward_cost_tokens: int | None = DEFAULT_FORWARD_COST_TOKENS,
+) -> torch.Tensor:
+    """A critic's values `(N,)` (the model's dtype; graph attached when grad is on) at every
+    completion token of every `(prompt_ids, completion_ids)` row, in the order given: V_i =
+    score(hidden state at the position that predicts completion[i]), the value of the state
+    prompt + completion[:i] before the token is chosen.
+
+    `model` is a `*ForSequenceClassification` with one label and a linear `score` head (every
+    decoder classifier in transformers); packed like `completion_logprobs`."""
+    from rlhf.models.reward_head import _linear_score_head
+
+    _check_rows(sequences)
+    head = _linear_score_head(model)
+    if head is None or head.out_features != 1:
+        raise ValueError(f"{type(model).__name__} has no one-output linear score head: not a "
+                         "value model")
+    hidden = _completion_hidden(model, sequences, pad_id=pad_id, pack=pack, pack_width=pack_width,
+                                share_prompts=share_prompts,
+                                forward_cost_tokens=forward_cost_tokens)  # (N, H)
+    return head(hidden)[:, 0]  # (N,)

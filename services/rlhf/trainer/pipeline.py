@@ -1,7 +1,12 @@
 """The frame every training job shares, around its own training step:
 
-    read pairs (stream or JSONL) → [train] → publish the version → commit the stream entries →
+    read items (stream or JSONL) → [train] → publish the version → commit the stream entries →
     activate when asked
+
+What a job reads is described by a `Reader`: which payloads its stream consumer accepts (the
+rest are dead-lettered), how a payload becomes items (a ranking → its pairs; a ScoredSample →
+one sample), how a JSONL file is read, the spec's minimum count and the train / held-out split.
+`PREFERENCES` is the reward-model and DPO jobs' reader; the PPO job's is `ppo.SAMPLES`.
 
 Safe to run again after a crash: a version the job already published is finished, not trained
 again (`read_inputs` returns its result), and stream entries are acked only after the publish.
@@ -14,6 +19,7 @@ Redis (`ctx.redis`) and is idempotent, so a published version is never trained a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,35 @@ from rlhf.trainer.queues import StreamConsumer
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Reader:
+    """What a job reads, and how.
+
+    `noun`: what the items are called in messages and progress keys ("pairs" → `pairs`,
+    `train_pairs`, `eval_pairs`); `validate(payload)`: raises `ValueError` for a payload this
+    job cannot use (the consumer dead-letters it); `items(payload)`: its items; `read_jsonl(path)`:
+    the items of a JSONL file (raises `DataError`); `min_count(spec)`: fewer items fail the job;
+    `split(items, spec)`: (train, held-out)."""
+
+    noun: str
+    validate: Callable[[Any], object]
+    items: Callable[[Any], list]
+    read_jsonl: Callable[[str], list]
+    min_count: Callable[[Any], int]
+    split: Callable[[Sequence[Any], Any], tuple[list, list]]
+
+
+#: Preference pairs and rankings (reward-model and DPO jobs): split by payload id.
+PREFERENCES = Reader(
+    noun="pairs",
+    validate=check_preference_payload,
+    items=pairs_from_payload,
+    read_jsonl=read_jsonl,
+    min_count=lambda spec: spec.min_pairs,
+    split=lambda pairs, spec: split_by_source(pairs, spec.eval_fraction, seed=spec.seed),
+)
+
+
 @dataclass
 class JobInputs:
     """What a job trains on, and the handles it publishes and commits through."""
@@ -40,14 +75,15 @@ class JobInputs:
     consumer: StreamConsumer | None
     base: Base
     entries: list = field(default_factory=list)
-    pairs: list = field(default_factory=list)
+    items: list = field(default_factory=list)
     train: list = field(default_factory=list)
     evals: list = field(default_factory=list)
 
 
-def read_inputs(spec, ctx: JobContext, *, job_type: str, metric_keys: tuple[str, ...],
+def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
+                metric_keys: tuple[str, ...],
                 stage: dict[str, Any] | None = None) -> JobInputs | JobResult:
-    """The job's pairs, split into train / held-out — or, when an earlier attempt of this job
+    """The job's items, split into train / held-out — or, when an earlier attempt of this job
     already published its version, that version finished (registered, committed, activated)."""
     settings = ctx.settings
     store = ModelStore(settings.store_dir)
@@ -58,7 +94,7 @@ def read_inputs(spec, ctx: JobContext, *, job_type: str, metric_keys: tuple[str,
             ctx.redis_bytes, spec.source.stream, spec.source.group, f"job-{spec.job_id}",
             max_deliveries=settings.queue_max_deliveries,
             claim_idle_ms=settings.queue_claim_idle_ms,
-            validate=check_preference_payload,
+            validate=reader.validate,
         )
     manifest = find_job_version(store, spec.model_name, spec.job_id)
     if manifest is not None:  # an earlier attempt published and died before finishing
@@ -72,18 +108,19 @@ def read_inputs(spec, ctx: JobContext, *, job_type: str, metric_keys: tuple[str,
         entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
         ctx.on_heartbeat(lambda: consumer.touch(entries))
         consumer.update_metrics()
-        pairs = [p for e in entries for p in pairs_from_payload(e.payload)]
+        items = [x for e in entries for x in reader.items(e.payload)]
         where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
     else:
-        pairs = read_jsonl(spec.source.path)
+        items = reader.read_jsonl(spec.source.path)
         where = spec.source.path
-    if len(pairs) < spec.min_pairs:
-        raise DataError(f"{where} gave {len(pairs)} usable pairs; the job needs at least "
-                        f"{spec.min_pairs}")
-    train, evals = split_by_source(pairs, spec.eval_fraction, seed=spec.seed)
-    ctx.progress(0.0, {**(stage or {}), "pairs": len(pairs), "train_pairs": len(train),
-                       "eval_pairs": len(evals)}, force=True)
-    return JobInputs(store, registry, consumer, base, entries, pairs, train, evals)
+    noun, minimum = reader.noun, reader.min_count(spec)
+    if len(items) < minimum:
+        raise DataError(f"{where} gave {len(items)} usable {noun}; the job needs at least "
+                        f"{minimum}")
+    train, evals = reader.split(items, spec)
+    ctx.progress(0.0, {**(stage or {}), noun: len(items), f"train_{noun}": len(train),
+                       f"eval_{noun}": len(evals)}, force=True)
+    return JobInputs(store, registry, consumer, base, entries, items, train, evals)
 
 
 def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | Path, *, kind: str,
@@ -112,9 +149,10 @@ def finish(spec, ctx: JobContext, registry: Registry, manifest: Manifest, consum
            *, job_type: str, metric_keys: tuple[str, ...]) -> JobResult:
     """After the version is committed: register it, ack its entries, activate if asked.
 
-    Acked: the entries of payloads trained on, held out, or without a usable pair; recorded as
-    applied (never read again): the ids trained on and held out. Entries whose payloads no step
-    reached (the manifest leaves them out of `stream_entries`) stay pending for a later job."""
+    Acked: the manifest's `stream_entries` (payloads trained on, held out, without a usable
+    item, or dropped as stale); recorded as applied (never read again): its `applied_ids` and
+    `eval_ids`. Entries whose payloads no step reached (left out of `stream_entries`) stay
+    pending for a later job."""
     ctx.redis(lambda: register(registry, manifest), "register the published version")
     if consumer is not None:
         ctx.redis(lambda: consumer.commit(
@@ -125,12 +163,14 @@ def finish(spec, ctx: JobContext, registry: Registry, manifest: Manifest, consum
         except REDIS_ERRORS:  # gauges only: the worker's metrics loop refreshes them
             log.debug("queue metrics not refreshed", exc_info=True)
         consumer.close()
+    gate = getattr(spec, "min_eval_accuracy", None)  # jobs without a held-out split have none
     activated, why = ctx.redis(lambda: maybe_activate(registry, manifest, activate=spec.activate,
-                                                      min_eval_accuracy=spec.min_eval_accuracy),
+                                                      min_eval_accuracy=gate),
                                "activate the version")
     for k in metric_keys:
-        if k in manifest.metrics:
-            TRAIN_METRIC.labels(job_type, k).set(manifest.metrics[k])
+        value = manifest.metrics.get(k)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            TRAIN_METRIC.labels(job_type, k).set(value)
     metrics = {**manifest.metrics, "activated": activated, "activation": why}
     ctx.progress(1.0, metrics, force=True)
     return JobResult(manifest.version, metrics)

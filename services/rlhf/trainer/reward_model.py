@@ -34,7 +34,7 @@ from rlhf.trainer.data import (
     unique_source_ids,
 )
 from rlhf.trainer.jobs import JobContext, JobResult, RewardModelJob
-from rlhf.trainer.pipeline import publish_and_finish, read_inputs
+from rlhf.trainer.pipeline import PREFERENCES, publish_and_finish, read_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -255,7 +255,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
 
 def run_reward_model_job(spec: RewardModelJob, ctx: JobContext) -> JobResult:
     """Read → split → train → publish → commit → (activate). Safe to run again after a crash."""
-    got = read_inputs(spec, ctx, job_type=JOB_TYPE, metric_keys=METRIC_KEYS)
+    got = read_inputs(spec, ctx, reader=PREFERENCES, job_type=JOB_TYPE, metric_keys=METRIC_KEYS)
     if isinstance(got, JobResult):
         return got
     settings = ctx.settings
