@@ -175,6 +175,12 @@ class TrainingClient:
         (fields: `rlhf.trainer.jobs.PPOJob`; `advantage_estimator` picks the algorithm)."""
         return self.submit({**spec, "type": "ppo"})
 
+    def submit_sft(self, **spec: Any) -> str:
+        """Queue a supervised fine-tuning job on a policy: completion-only NLL on (prompt,
+        completion) records from a JSONL file or a stream's preferred responses (fields:
+        `rlhf.trainer.jobs.SFTJob`; `reset_token` trains backtracking examples from the reset)."""
+        return self.submit({**spec, "type": "sft"})
+
     # ------------------------------------------------------------------ follow
     def status(self, job_id: str) -> JobRecord:
         rec = read_job(self.r, job_id)

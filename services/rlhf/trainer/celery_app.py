@@ -38,9 +38,11 @@ from kombu import Exchange, Queue
 from rlhf.config import Settings
 
 TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model",
-                                "dpo": "rlhf.train_dpo", "ppo": "rlhf.train_ppo"}
+                                "dpo": "rlhf.train_dpo", "ppo": "rlhf.train_ppo",
+                                "sft": "rlhf.train_sft"}
 QUEUE_FOR_TASK: dict[str, str] = {"rlhf.train_reward_model": "train.reward_model",
-                                  "rlhf.train_dpo": "train.dpo", "rlhf.train_ppo": "train.ppo"}
+                                  "rlhf.train_dpo": "train.dpo", "rlhf.train_ppo": "train.ppo",
+                                  "rlhf.train_sft": "train.sft"}
 QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUE_FOR_TASK.values())))
 # One direct exchange, each queue bound by its own name: a job reaches exactly its queue (queues
 # declared without a key would all share the default key and every job would reach all of them).

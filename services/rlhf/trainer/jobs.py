@@ -285,6 +285,76 @@ def check_dpo_submit(spec: "DPOJob", client: redis.Redis) -> None:
                        noun="preference pairs", minimum=spec.min_pairs)
 
 
+# --- SFT (the job function is rlhf.trainer.sft.run_sft_job) ------------------------------------
+
+class SFTStreamSource(StreamSource):
+    """Preference payloads from a Redis stream (their preferred responses are the SFT targets),
+    in SFT's own consumer group by default."""
+
+    stream: str = Field(PREFERENCES_STREAM, min_length=1, description="Stream to read.")
+    group: str = Field("sft", pattern=_NAME, description="Consumer group (its own read position "
+                       "and applied-id set: one per model lineage).")
+
+
+class SFTJob(_Spec):
+    """Supervised fine-tuning of a policy: token-mean NLL of each record's completion after its
+    prompt (and prefix), the prompt never trained."""
+
+    type: Literal["sft"] = "sft"
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
+    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
+                            "publish to.")
+    base_dir: str | None = Field(None, description="Start from this HF directory (a first "
+                                 "version); unset: from base_version of model_name.")
+    base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
+                                     "of model_name; unset (and no base_dir): its active version.")
+    source: Annotated[Union[SFTStreamSource, JsonlSource], Field(discriminator="type")]
+    min_examples: int = Field(1, ge=1, description="Fewer usable examples than this: the job "
+                              "fails.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of payloads.")
+    reset_token: str | None = Field(None, min_length=1, description="Backtracking SFT: a "
+                                    "completion containing this token is trained from its last "
+                                    "occurrence on; the text before it is context (a record's "
+                                    "own prefix wins). Must be one token of the model.")
+    # optimisation
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="After warm-up.")
+    max_length: int = Field(512, ge=2, description="Tokens per row (prompt + prefix + "
+                            "completion; longer rows keep their first max_length tokens; a "
+                            "context that fills it drops the example).")
+    append_eos: bool = Field(True, description="End plain-text completions with the eos token.")
+    seed: int = 0
+    activate: bool = Field(False, description="Make the new version the active one.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTJob":
+        if self.base_dir is not None and self.base_version is not None:
+            raise ValueError("set base_dir or base_version, not both")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must both lie in [0, 1)")
+        return self
+
+
+def check_sft_submit(spec: "SFTJob", client: redis.Redis) -> None:
+    """Submit-time checks like `check_dpo_submit`: a safe `base_dir`; a JSONL file that exists
+    and holds at least `min_examples` examples; a stream that is not empty unless the job waits
+    for entries (`block_ms` > 0)."""
+    from rlhf.trainer.sft import read_sft_jsonl
+
+    _check_safe_dir("base_dir", spec.base_dir)
+    _check_data_source(spec, client, count_jsonl=lambda p: len(read_sft_jsonl(p)),
+                       noun="SFT examples", minimum=spec.min_examples)
+
+
 # --- PPO and the critic-free family (the job function is rlhf.trainer.ppo.run_ppo_job) ---------
 
 #: Advantage estimators: the keys of rlhf.trainer.advantages.ESTIMATORS (a unit test keeps them
@@ -475,8 +545,9 @@ def check_ppo_submit(spec: "PPOJob", client: redis.Redis) -> None:
 
 # -------------------------------------------------------------------------------------------------
 
-JOB_TYPES: dict[str, type[_Spec]] = {"reward_model": RewardModelJob, "dpo": DPOJob, "ppo": PPOJob}
-JobSpec = Union[RewardModelJob, DPOJob, PPOJob]  # the union of JOB_TYPES' values
+JOB_TYPES: dict[str, type[_Spec]] = {"reward_model": RewardModelJob, "dpo": DPOJob, "ppo": PPOJob,
+                                     "sft": SFTJob}
+JobSpec = Union[RewardModelJob, DPOJob, PPOJob, SFTJob]  # the union of JOB_TYPES' values
 
 
 def parse_spec(data: dict[str, Any] | _Spec) -> JobSpec:
@@ -705,8 +776,8 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
     """Validate a spec, record the job and queue its Celery task; returns the job id.
 
     Raises `JobRejected` (nothing is queued) when the spec is invalid, names a base version
-    that does not exist, or reuses a job id (a DPO or PPO job also when its data source is
-    empty).
+    that does not exist, or reuses a job id (a DPO, PPO or SFT job also when its data source
+    is empty).
     """
     from rlhf.trainer.celery_app import send_job
 
@@ -717,6 +788,8 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
         check_dpo_submit(spec, r)
     elif isinstance(spec, PPOJob):
         check_ppo_submit(spec, r)
+    elif isinstance(spec, SFTJob):
+        check_sft_submit(spec, r)
     jobs = JobStore(r)
     jobs.create(spec)
     try:

@@ -46,9 +46,10 @@ How the contract of `base.py` is kept:
   `collective_rpc("reload_weights", weights_path=...)`, `reset_prefix_cache()`,
   `resume_generation()`; the swapper's golden probes (`check`) run on the reloaded weights
   before the gate opens, and a refused or failed version is reloaded away again. Where in-place
-  is not exact (tied embeddings on vLLM's CPU build, see that function), a new engine is
-  started beside the old one, warmed up, checked and made current; the old one stops when its
-  last call is done.
+  is not exact (tied embeddings on vLLM's CPU build, see that function), or the new version has
+  other shapes (a token added: another vocabulary size), a new engine is started beside the old
+  one, warmed up, checked and made current; the old one stops when its last call is done. The
+  tokenizer (and eos ids) belong to each loaded version and swap with it.
 
 Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
 reads or writes environment variables. KV-cache size (`kv_cache_plan`, logged at start): an
@@ -377,13 +378,16 @@ def _stat_logger_factory(counts: _EngineCounts):
 
 @dataclass(eq=False)
 class _Loaded:
-    """One running AsyncLLM, the version it serves, and its engine-core counters."""
+    """One running AsyncLLM, the version it serves (with that version's tokenizer and eos ids:
+    a version may add tokens), and its engine-core counters."""
 
     llm: "AsyncLLM"
     ref: ModelRef
     model_dir: Path
     info: ModelInfo
     counts: _EngineCounts
+    tokenizer: object = None
+    eos: frozenset[int] = frozenset()
     calls: int = 0  # generate() calls in flight on it
 
 
@@ -412,6 +416,14 @@ def _eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return frozenset(ids)
+
+
+def _tokenizer_and_eos(model_dir: Path):
+    """The checkpoint's tokenizer and eos ids (what decoding and finish reasons use)."""
+    from rlhf.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    return tokenizer, _eos_ids(Path(model_dir), tokenizer)
 
 
 def _config_json(model_dir: Path) -> dict:
@@ -452,8 +464,6 @@ class VLLMEngine:
         self._initial = (Path(model_dir), ref)
         self._current: _Loaded | None = None
         self._engines: list[_Loaded] = []  # every AsyncLLM still running (the current one last)
-        self._tokenizer = None
-        self._eos: frozenset[int] = frozenset()
         self._calls: set[_Call] = set()
         self._serving = False
         self._ids = itertools.count()
@@ -472,9 +482,10 @@ class VLLMEngine:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
+        """The serving version's tokenizer (it changes with the version)."""
+        if self._current is None:
             raise Unavailable("the policy model is not loaded")
-        return self._tokenizer
+        return self._current.tokenizer
 
     @property
     def llm(self) -> "AsyncLLM":
@@ -500,13 +511,9 @@ class VLLMEngine:
     async def start(self) -> None:
         if self._serving:
             return
-        from rlhf.models.loading import load_tokenizer
-
         self._open, self._swap_lock = asyncio.Event(), asyncio.Lock()
         self._open.set()
         model_dir, ref = self._initial
-        self._tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
-        self._eos = _eos_ids(model_dir, self._tokenizer)
         self._current = await self._load(model_dir, ref)
         self._serving = True
         log.info("vllm engine serving %s/%s (context %d)", ref.name, ref.version,
@@ -518,6 +525,7 @@ class VLLMEngine:
 
         check_safe_dir(model_dir)
         config = await asyncio.to_thread(load_config, model_dir)
+        tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
         counts = _EngineCounts()
 
         # Imported and built in a thread so the loop keeps serving (health answers NOT_SERVING)
@@ -550,7 +558,7 @@ class VLLMEngine:
             max_context=min(int(llm.model_config.max_model_len), int(max_context(config))),
             vocab_size=int(config.vocab_size),
         )
-        loaded = _Loaded(llm, ref, Path(model_dir), info, counts)
+        loaded = _Loaded(llm, ref, Path(model_dir), info, counts, tokenizer, eos)
         self._engines.append(loaded)
         try:
             await self._warm_up(loaded)
@@ -620,9 +628,9 @@ class VLLMEngine:
                 old_cfg, new_cfg = _config_json(current.model_dir), _config_json(model_dir)
             except (ValueError, OSError) as exc:
                 raise FailedPrecondition(f"version {ref.version}: {exc}") from exc
-            if old_cfg.get("vocab_size") != new_cfg.get("vocab_size"):
-                raise FailedPrecondition(f"version {ref.version} has another vocabulary size")
             inplace = self.inplace_reload
+            if old_cfg.get("vocab_size") != new_cfg.get("vocab_size"):
+                inplace = False  # other shapes (a token added): only a new engine takes them
             if inplace is None:
                 inplace = inplace_reload_is_exact(new_cfg) and all(
                     old_cfg.get(k) == new_cfg.get(k) for k in _SHAPE_FIELDS
@@ -636,6 +644,10 @@ class VLLMEngine:
 
     async def _swap_in_place(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
         old_dir = current.model_dir
+        try:  # the version's own tokenizer (same shapes, but it may hold a token the old lacks)
+            tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
+        except (ValueError, OSError) as exc:
+            raise FailedPrecondition(f"version {ref.version}: its tokenizer: {exc}") from exc
         self._open.clear()  # new generate() calls wait here ...
         try:
             while current.calls:  # ... while the calls in flight finish on the old weights
@@ -653,6 +665,7 @@ class VLLMEngine:
                     await self._restore(current, old_dir)
                     raise
             current.ref, current.model_dir = ref, model_dir
+            current.tokenizer, current.eos = tokenizer, eos
             current.info = replace(current.info, ref=ref)
         finally:
             self._open.set()
@@ -806,7 +819,7 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        llm, ref = call.loaded.llm, call.loaded.ref
+        llm, ref, loaded = call.loaded.llm, call.loaded.ref, call.loaded
         tokens: list[int] = []  # the sample's tokens so far (its whole trajectory)
         last: int | None = None  # the last token so far
         try:
@@ -816,11 +829,12 @@ class VLLMEngine:
                     ids = list(o.token_ids)
                     lps = [] if o.logprobs is None else [lp[t].logprob for t, lp in zip(ids, o.logprobs)]
                     last = ids[-1] if ids else last
-                    finish = self._finish(o.finish_reason, last)
+                    finish = self._finish(o.finish_reason, last, loaded.eos)
                     if own_stops and finish is not Finish.ABORT:
                         # a stop string ends the sample at the token completing it; on the last
                         # token an eos / stop id comes first (as in hf.py), LENGTH after it
-                        cut = self._own_stop(tokens, ids, own_stops, params.reset_token_id)
+                        cut = self._own_stop(loaded.tokenizer, tokens, ids, own_stops,
+                                             params.reset_token_id)
                         if cut is not None and (cut < len(ids) or finish in (None, Finish.LENGTH)):
                             ids, lps, finish = ids[:cut], lps[:cut], Finish.STOP
                     else:
@@ -854,19 +868,19 @@ class VLLMEngine:
                 log.exception("vllm request %s failed", rid)
                 call.queue.put_nowait(Unavailable(f"generation failed in the vLLM engine: {cause!r}"))
 
-    def _finish(self, reason: str | None, last: int | None) -> Finish | None:
+    def _finish(self, reason: str | None, last: int | None, eos: frozenset[int]) -> Finish | None:
         """vLLM's finish reason → ours; "stop" is EOS when the last token is an eos id."""
         if reason is None:
             return None
         if reason == "length":
             return Finish.LENGTH
         if reason == "stop":
-            return Finish.EOS if last in self._eos else Finish.STOP
+            return Finish.EOS if last in eos else Finish.STOP
         if reason == "abort":
             return Finish.ABORT
         raise Unavailable(f"the vLLM engine ended a sample with {reason!r}")
 
-    def _own_stop(self, tokens: list[int], ids: list[int], stops: tuple[str, ...],
+    def _own_stop(self, tokenizer, tokens: list[int], ids: list[int], stops: tuple[str, ...],
                   reset_id: int | None) -> int | None:
         """Append `ids` to `tokens`; the number of `ids` to keep when a stop string completed.
 
@@ -876,7 +890,7 @@ class VLLMEngine:
         """
         for k, t in enumerate(ids):
             tokens.append(t)
-            text = self._tokenizer.decode(
+            text = tokenizer.decode(
                 tokens[_kept_from(tokens, reset_id):], skip_special_tokens=True,
                 clean_up_tokenization_spaces=False,
             )
