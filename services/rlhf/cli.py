@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_debug(sp)
 
     _add_rollout_parser(sub)
+    from rlhf.trainer.backtracking import add_backtracking_parser
+
+    add_backtracking_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
@@ -311,10 +314,17 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout}
+    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout,
+                "backtracking": _backtracking}
     if args.command in ("worker", "worker-probe", "jobs", "models"):
         return _trainer(args)
     return handlers[args.command](args)
+
+
+def _backtracking(args) -> int:
+    from rlhf.trainer.backtracking import cmd_backtracking
+
+    return cmd_backtracking(args)
 
 
 def _rollout(args) -> int:

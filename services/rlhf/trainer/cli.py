@@ -87,7 +87,8 @@ def add_parsers(sub) -> None:
                     help="seconds a job's record must be unchanged (default: job_reap_grace_s)")
     jr.add_argument("--dry-run", action="store_true", help="list the orphans, re-queue nothing")
 
-    models = sub.add_parser("models", help="model versions: list, show, activate, rollback")
+    models = sub.add_parser("models", help="model versions: list, show, activate, rollback, "
+                            "add-token")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     _leaf(models_sub, "list", "every model with its active version", store)
     ms = _leaf(models_sub, "show", "a model's versions, or one version's manifest", store)
@@ -98,6 +99,9 @@ def add_parsers(sub) -> None:
     ma.add_argument("version")
     mr = _leaf(models_sub, "rollback", "re-activate the previously active version", store)
     mr.add_argument("name")
+    from rlhf.models.tokens import add_add_token_parser
+
+    add_add_token_parser(models_sub)
 
 
 def _leaf(sub, name: str, help_: str, extra=()) -> argparse.ArgumentParser:
@@ -322,9 +326,13 @@ def run_models(args, settings) -> int:
 
     from rlhf.models.store import ModelStore, TamperedCheckpoint
 
+    cmd = args.models_command
+    if cmd == "add-token":
+        from rlhf.models.tokens import cmd_add_token
+
+        return cmd_add_token(args, settings)
     mc = ModelsClient.from_url(settings.redis_url.get_secret_value(), store_dir=settings.store_dir)
     try:
-        cmd = args.models_command
         if cmd == "list":
             rows = [{"name": n, "active": mc.active(n), "versions": len(mc.versions(n))}
                     for n in mc.models()]
