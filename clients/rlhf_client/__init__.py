@@ -47,6 +47,7 @@ __all__ = [
 from rlhf_client.queues import (  # noqa: E402
     PREFERENCES_STREAM,
     SAMPLES_STREAM,
+    SFT_STREAM,
     PayloadError,
     QueueProducer,
 )
@@ -70,5 +71,6 @@ __all__ += [
     "Registry",
     "RegistryError",
     "SAMPLES_STREAM",
+    "SFT_STREAM",
     "TrainingClient",
 ]

@@ -1,5 +1,5 @@
-"""Queue producers: push preference pairs, rankings, scored samples and rollout prompts to
-Redis Streams.
+"""Queue producers: push preference pairs, rankings, SFT examples, scored samples and rollout
+prompts to Redis Streams.
 
 Applications and rollout workers push here; the trainer reads the same streams through a
 consumer group (`rlhf.trainer.queues.StreamConsumer`). This module owns what both sides share:
@@ -12,9 +12,9 @@ Entry encoding (one stream entry = one payload):
     data   the serialised protobuf message
 
 Streams: pairs and rankings go to `PREFERENCES_STREAM` (the reward-model and DPO trainers read
-both kinds), scored samples to `SAMPLES_STREAM`, prompts for the rollout workers
-(`rlhf rollout`, which answer each with n scored samples) to `PROMPTS_STREAM`. Any other name
-may be passed. Entries that the
+both kinds), SFT examples to `SFT_STREAM` (the SFT trainer's), scored samples to
+`SAMPLES_STREAM`, prompts for the rollout workers (`rlhf rollout`, which answer each with n
+scored samples) to `PROMPTS_STREAM`. Any other name may be passed. Entries that the
 trainer cannot parse or that keep failing are moved to `dead_letter_stream(stream)` with a reason.
 """
 
@@ -34,21 +34,23 @@ from rlhfpb.v1 import samples_pb2
 PREFERENCES_STREAM = "rlhf:queue:preferences"
 SAMPLES_STREAM = "rlhf:queue:samples"
 PROMPTS_STREAM = "rlhf:queue:prompts"
+SFT_STREAM = "rlhf:queue:sft"
 DEAD_LETTER_SUFFIX = ":dead"
 
 Payload = Union[samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample,
-                samples_pb2.RolloutPrompt]
+                samples_pb2.RolloutPrompt, samples_pb2.SFTExample]
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.full_name: cls
     for cls in (samples_pb2.PreferencePair, samples_pb2.Ranking, samples_pb2.ScoredSample,
-                samples_pb2.RolloutPrompt)
+                samples_pb2.RolloutPrompt, samples_pb2.SFTExample)
 }
 DEFAULT_STREAMS: dict[str, str] = {
     samples_pb2.PreferencePair.DESCRIPTOR.full_name: PREFERENCES_STREAM,
     samples_pb2.Ranking.DESCRIPTOR.full_name: PREFERENCES_STREAM,
     samples_pb2.ScoredSample.DESCRIPTOR.full_name: SAMPLES_STREAM,
     samples_pb2.RolloutPrompt.DESCRIPTOR.full_name: PROMPTS_STREAM,
+    samples_pb2.SFTExample.DESCRIPTOR.full_name: SFT_STREAM,
 }
 MAX_ID_CHARS = 256
 #: A rollout prompt's id is shorter: its samples' ids are "<prompt id>:<policy version>:<index>".
@@ -98,6 +100,12 @@ def validate_payload(msg: Message) -> None:
         if len(msg.id) > MAX_PROMPT_ID_CHARS:
             raise PayloadError(f"RolloutPrompt.id: longer than {MAX_PROMPT_ID_CHARS} characters "
                                "(sample ids append the policy version and the sample index)")
+    elif isinstance(msg, samples_pb2.SFTExample):
+        # The loss starts where the prefix ends: any prefix (empty or not) marks a valid start,
+        # as long as something follows it to train on.
+        if not msg.completion:
+            raise PayloadError("SFTExample.completion: must be non-empty (the loss falls on it"
+                               + (", after the prefix)" if msg.prefix else ")"))
 
 
 def encode_entry(msg: Message) -> dict[bytes, bytes]:
@@ -183,6 +191,13 @@ class QueueProducer:
                      **fields) -> str:
         """Push a `Ranking` (`prompt=`, `responses=[...]`, `ranks=[...]`, lower rank is better)."""
         return self.push(_message(samples_pb2.Ranking, ranking, fields), stream=stream)
+
+    def push_sft_example(self, example: samples_pb2.SFTExample | None = None, *,
+                         stream: str | None = None, **fields) -> str:
+        """Push an `SFTExample` (`prompt=`, `completion=`, optional `prefix=`: text after the
+        prompt that is conditioned on but not trained, `id=`, `source=`) to `SFT_STREAM` by
+        default."""
+        return self.push(_message(samples_pb2.SFTExample, example, fields), stream=stream)
 
     def push_sample(self, sample: samples_pb2.ScoredSample | None = None, *,
                     stream: str | None = None, **fields) -> str:

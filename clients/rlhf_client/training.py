@@ -177,7 +177,7 @@ class TrainingClient:
 
     def submit_sft(self, **spec: Any) -> str:
         """Queue a supervised fine-tuning job on a policy: completion-only NLL on (prompt,
-        completion) records from a JSONL file or a stream's preferred responses (fields:
+        completion) records from a JSONL file or a stream's SFTExample payloads (fields:
         `rlhf.trainer.jobs.SFTJob`; `reset_token` trains backtracking examples from the reset)."""
         return self.submit({**spec, "type": "sft"})
 

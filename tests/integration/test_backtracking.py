@@ -369,11 +369,11 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_the_backtracking_commands(tmp_path, redis_client, tiny_policy_dir, capsys):
-    from rlhf_client.queues import decode_entry
+    from rlhf_client.queues import SFT_STREAM, decode_entry
 
     from rlhf.trainer import backtracking as bt
     from rlhf.trainer.data import read_jsonl
-    from rlhf.trainer.sft import read_sft_jsonl
+    from rlhf.trainer.sft import examples_from_payload, read_sft_jsonl
 
     assert _cli(["backtracking", "synthetic", "--out", str(tmp_path / "task")]) == 0
     task = bt.synthetic_safety_task(seed=0)
@@ -393,21 +393,47 @@ def test_the_backtracking_commands(tmp_path, redis_client, tiny_policy_dir, caps
         task.triples, reset_token="<|reset|>", seed=0, kinds=("negative",))
     assert "384 sft records from 192 triples" in capsys.readouterr().out
 
-    stream = unique("test:backtracking-pairs")
+    stream = unique("test:backtracking-sft")
+    rb = connect(REDIS_URL)
     try:
         assert _cli(["backtracking", "build", "sft", "--triples", triples, "--stream", stream,
                      "--redis-url", REDIS_URL]) == 0
-        rb = connect(REDIS_URL)
         entries = [decode_entry(f) for _, f in rb.xrange(stream)]
-        rb.close()
-        assert len(entries) == 384
+        # SFTExample payloads: what the SFT job reads from them is the builder's examples, the
+        # unsafe prefix as context (the loss starts at the reset token), benign ones as they are
+        assert {e.DESCRIPTOR.full_name for e in entries} == {"rlhfpb.v1.SFTExample"}
+        read = [x for e in entries for x in examples_from_payload(e)]
+        assert read == bt.backtracking_sft_examples(task.triples, reset_token="<|reset|>", seed=0)
         back = next(e for e in entries if e.id == "tri-0:backtrack")
         t0 = task.triples[0]
-        # the SFT target is the chosen response: an SFT job with reset_token trains it from the reset
-        assert back.chosen.endswith("<|reset|>" + t0.safe) and t0.unsafe.startswith(
-            back.chosen.split("<|reset|>")[0]) and back.rejected == t0.unsafe
+        assert back.completion == "<|reset|>" + t0.safe and t0.unsafe.startswith(back.prefix)
+        assert 0 < len(back.prefix) < len(t0.unsafe) and back.source == "backtracking"
+        assert next(e for e in entries if e.id == "tri-0:safe").prefix == ""
+        assert f"384 sft records from 192 triples pushed to {stream} (SFTExample payloads)" in (
+            capsys.readouterr().out)
+        # pairs stay PreferencePairs
+        assert _cli(["backtracking", "build", "pairs", "--triples", triples,
+                     "--stream", stream + ":p", "--redis-url", REDIS_URL]) == 0
+        pairs = [decode_entry(f) for _, f in rb.xrange(stream + ":p")]
+        assert [(p.id, p.chosen, p.rejected) for p in pairs] == [
+            (p.source_id, p.chosen, p.rejected)
+            for p in bt.backtracking_pairs(task.triples, reset_token="<|reset|>", seed=0)]
+        # --stream without a name: the SFT examples' default stream, the sft job's default
+        two = tmp_path / "two.jsonl"
+        bt.write_jsonl(two, task.triples[:2])
+        assert _cli(["backtracking", "build", "baseline-sft", "--triples", str(two), "--stream",
+                     "--redis-url", REDIS_URL]) == 0
+        assert f"pushed to {SFT_STREAM} (SFTExample payloads)" in capsys.readouterr().out
+        mine = [(eid, decode_entry(f)) for eid, f in rb.xrange(SFT_STREAM)
+                if f[b"id"] in (b"tri-0:safe", b"tri-1:safe")]
+        assert [(m.prompt, m.completion, m.prefix) for _, m in mine] == [
+            (t.prompt, t.safe, "") for t in task.triples[:2]]
+        rb.xdel(SFT_STREAM, *[eid for eid, _ in mine])
     finally:
-        redis_client.delete(stream)
+        redis_client.delete(stream, stream + ":p")
+        if rb.xlen(SFT_STREAM) == 0:
+            rb.delete(SFT_STREAM)
+        rb.close()
     assert _cli(["backtracking", "build", "pairs", "--triples", triples]) == 2  # no destination
     assert _cli(["backtracking", "build", "pairs", "--triples", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "x.jsonl")]) == 1

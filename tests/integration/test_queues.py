@@ -7,7 +7,7 @@ import pytest
 import redis
 from rlhf_client.redis_conn import connect
 from rlhf_client import PayloadError, QueueProducer
-from rlhf_client.queues import PREFERENCES_STREAM, dead_letter_stream
+from rlhf_client.queues import PREFERENCES_STREAM, SFT_STREAM, dead_letter_stream
 from rlhfpb.v1 import samples_pb2
 from trainer_helpers import REDIS_URL, delete_matching, synthetic_messages, unique, wait_for
 
@@ -54,23 +54,38 @@ def test_producers_push_every_payload_kind_with_unique_ids(r, stream, producer):
                              stream=stream)
     mine = producer.push_pair(samples_pb2.PreferencePair(id="own-id", prompt="q", chosen="y", rejected="n"),
                               stream=stream)
-    assert len({a, b, c}) == 3 and mine == "own-id"
+    d = producer.push_sft_example(prompt="q", completion="<|reset|> no.", prefix=" sure,",
+                                  source="test", stream=stream)
+    assert len({a, b, c, d}) == 4 and mine == "own-id"
     entries = r.xrange(stream)
-    assert [f[b"id"].decode() for _, f in entries] == [a, b, c, "own-id"]
+    assert [f[b"id"].decode() for _, f in entries] == [a, b, c, "own-id", d]
     assert [f[b"type"].decode() for _, f in entries] == [
-        "rlhfpb.v1.PreferencePair", "rlhfpb.v1.Ranking", "rlhfpb.v1.ScoredSample", "rlhfpb.v1.PreferencePair"]
+        "rlhfpb.v1.PreferencePair", "rlhfpb.v1.Ranking", "rlhfpb.v1.ScoredSample",
+        "rlhfpb.v1.PreferencePair", "rlhfpb.v1.SFTExample"]
     parsed = samples_pb2.PreferencePair.FromString(entries[0][1][b"data"])
     assert (parsed.chosen, parsed.rejected) == ("good", "bad") and parsed.created.seconds > 0
+    sft = samples_pb2.SFTExample.FromString(entries[4][1][b"data"])
+    assert (sft.prompt, sft.completion, sft.prefix) == ("q", "<|reset|> no.", " sure,")
+    assert sft.source == "test"
+    assert sft.created.seconds > 0
     with pytest.raises(PayloadError, match="ranks"):
         producer.push_ranking(prompt="q", responses=["a", "b"], ranks=[0], stream=stream)
-    assert producer.length(stream) == 4  # the bad one was not pushed
-    # Without a stream name, preferences go to the default stream.
-    pid = producer.push_pair(prompt="q", chosen="a", rejected="b")
-    (eid, fields), = r.xrevrange(PREFERENCES_STREAM, count=1)
-    r.xdel(PREFERENCES_STREAM, eid)
-    if r.xlen(PREFERENCES_STREAM) == 0:
-        r.delete(PREFERENCES_STREAM)
-    assert fields[b"id"].decode() == pid
+    with pytest.raises(PayloadError, match="SFTExample.completion: must be non-empty"):
+        producer.push_sft_example(prompt="q", completion="", prefix=" sure,", stream=stream)
+    with pytest.raises(PayloadError, match="SFTExample: .*rejected"):  # not a field of it
+        producer.push_sft_example(prompt="q", completion=" a", rejected=" b", stream=stream)
+    assert producer.length(stream) == 5  # the bad ones were not pushed
+    # Without a stream name, each type goes to its default stream.
+    for push, default in ((lambda: producer.push_pair(prompt="q", chosen="a", rejected="b"),
+                           PREFERENCES_STREAM),
+                          (lambda: producer.push_sft_example(prompt="q", completion=" a"),
+                           SFT_STREAM)):
+        pid = push()
+        (eid, fields), = r.xrevrange(default, count=1)
+        r.xdel(default, eid)
+        if r.xlen(default) == 0:
+            r.delete(default)
+        assert fields[b"id"].decode() == pid
 
 
 def test_entries_stay_pending_until_commit_then_are_never_applied_again(r, stream, producer):

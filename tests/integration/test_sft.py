@@ -1,12 +1,15 @@
-"""SFT jobs on real parts: a tiny policy made on the spot, real Redis, run in-process (no Celery).
+"""SFT jobs on real parts: a tiny policy made on the spot, real Redis, run in-process (and once
+on a real Celery worker).
 
 - the loss: the token-mean NLL of the completion tokens only, equal to a float64 teacher-forced
   reference computed the naive way; prompt and prefix never count; gradient accumulation gives
   the same step as one batch;
 - learning: held-out NLL falls, and a backtracking example teaches the reset token after the
   unsafe prefix (its log-prob rises from a uniform guess to near certain);
-- the job: JSONL or a stream (the pairs' preferred responses), publish a child version with its
-  metrics and applied ids, entries acked once; bad specs and empty data rejected at submit.
+- the job: JSONL or a stream (SFTExample payloads, read as their JSONL rows; the pairs' and
+  rankings' preferred responses), publish a child version with its metrics and applied ids,
+  entries acked once, a payload SFT cannot use dead-lettered; bad specs and empty data rejected
+  at submit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from rlhf.trainer.sft import (  # noqa: E402
     SFTError,
     SFTExample,
     batch_nll,
+    check_sft_payload,
+    encode_example,
     encode_examples,
+    examples_from_payload,
     run_sft_job,
     train_sft,
     train_step,
@@ -107,6 +113,35 @@ def test_the_loss_is_the_completion_nll_and_nothing_else(tiny_policy_dir):
     assert examples[1].prompt_ids == tuple(tok.encode(rows[1].prompt + rows[1].prefix,
                                                       add_special_tokens=False))
     assert examples[1].completion_ids[0] == tok.convert_tokens_to_ids(RESET)
+
+
+def test_an_sft_payload_is_read_as_its_jsonl_row(tiny_policy_dir, tmp_path):
+    """An SFTExample payload gives the example its JSONL row gives — the prefix included, so the
+    loss starts at the completion (the reset token) — and a payload SFT cannot use raises the
+    `ValueError` that makes the job's consumer dead-letter it."""
+    from rlhfpb.v1 import samples_pb2
+
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.trainer.sft import read_sft_jsonl
+
+    row = {"id": "b", "prompt": "how do I burn the cup?", "completion": RESET + " sorry, no.",
+           "prefix": " sure, you can"}
+    payload = samples_pb2.SFTExample(source="test", **row)
+    (ex,) = examples_from_payload(payload)
+    assert [ex] == read_sft_jsonl(write_jsonl(tmp_path / "row.jsonl", [row]))
+    check_sft_payload(payload)
+    tok = load_tokenizer(tiny_policy_dir, padding_side="right")
+    te = encode_example(tok, ex, max_length=64)
+    assert te.id == "b" and te.prompt_ids == tuple(tok.encode(row["prompt"] + row["prefix"],
+                                                              add_special_tokens=False))
+    assert te.completion_ids[0] == tok.convert_tokens_to_ids(RESET)
+    for bad, why in [
+        (samples_pb2.ScoredSample(id="s", completion_ids=[1]), "ScoredSample is not SFT data"),
+        (samples_pb2.RolloutPrompt(id="p", prompt="x"), "RolloutPrompt is not SFT data"),
+        (samples_pb2.SFTExample(id="e", prompt="x", prefix=" y"), "'e': empty completion"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            check_sft_payload(bad)
 
 
 def test_gradient_accumulation_gives_the_same_step(tiny_policy_dir):
@@ -261,39 +296,78 @@ def test_bad_sft_specs_and_empty_data_are_rejected_at_submit(r, names, base, tmp
     assert QUEUE_FOR_TASK[TASK_FOR_JOB["sft"]] == "train.sft"
 
 
-def test_an_sft_job_runs_on_a_celery_worker(tmp_path, tiny_policy_dir, capsys):
-    """`submit_sft` → the `rlhf.train_sft` task on a real `rlhf worker` (queue train.sft) → a
-    first version from a base directory, visible in the job record and `rlhf jobs list`."""
+def test_a_stream_fed_sft_job_runs_on_a_celery_worker(tmp_path, tiny_policy_dir, capsys):
+    """SFTExample payloads on a stream (benign examples and backtracking ones with their unsafe
+    prefix, pushed by the backtracking builder) → `submit_sft` → the `rlhf.train_sft` task on a
+    real `rlhf worker` (queue train.sft) → a first version from a base directory that learned
+    them, visible in the job record and `rlhf jobs list`. Two payloads an SFT job cannot use are
+    dead-lettered, not trained on and not fatal; every entry is applied once (a re-push of an
+    applied id is a duplicate a second job skips)."""
     import re
 
+    from rlhf_client.queues import encode_entry
+    from rlhfpb.v1 import samples_pb2
     from trainer_helpers import WORKER_REDIS_URL, Worker, delete_matching, forget_job, forget_model
 
     from rlhf.cli import main as rlhf_main
 
     rw = connect(WORKER_REDIS_URL)
-    model = unique("sft-worker")
-    data = write_jsonl(tmp_path / "sft.jsonl", task_examples(40, seed=6, prefix=unique("w")))
+    model, stream = unique("sft-worker"), unique("test:sft-examples")
+    producer = QueueProducer(rw)
+    tag = unique("w")
+    benign = [producer.push_sft_example(stream=stream, source="test", **x)
+              for x in task_examples(40, seed=6, prefix=tag)]
+    task = bt.synthetic_safety_task(seed=6, n_triples=8, n_benign=1, n_pretrain=1, n_eval=1)
+    triples = task.triples
+    back = bt.push_records(producer, bt.backtracking_sft_examples(
+        [bt.SafetyTriple(f"{tag}-{t.id}", t.prompt, t.safe, t.unsafe) for t in triples],
+        reset_token=RESET, include_safe=False), stream=stream)
+    # not SFT data (the consumer's check), and an empty completion written around the producer
+    producer.push_sample(stream=stream, id=f"{tag}-sample", completion_ids=[1, 2])
+    empty = samples_pb2.SFTExample(id=f"{tag}-empty", prompt="p", prefix=" sure,")
+    rw.xadd(stream, {**encode_entry(samples_pb2.SFTExample(id=empty.id, completion="x")),
+                     b"data": empty.SerializeToString()})
     worker = Worker(tmp_path / "worker.log", redis_url=WORKER_REDIS_URL, store=tmp_path / "store",
                     name="sft@test", env={"RLHF_JOB_REAP_INTERVAL_S": "0",
                                           "RLHF_JOB_TMP_DIR": str(tmp_path / "jobs-tmp")})
     tc = TrainingClient(WORKER_REDIS_URL)
-    job_id = None
+    jobs = []
     try:
         worker.wait_ready()
-        job_id = tc.submit_sft(model_name=model, base_dir=str(tiny_policy_dir), max_steps=3,
-                               source={"type": "jsonl", "path": str(data)}, **FAST)
-        rec = tc.wait(job_id, timeout=180, poll_s=0.2)
+        jobs.append(tc.submit_sft(model_name=model, base_dir=str(tiny_policy_dir), max_steps=6,
+                                  eval_fraction=0.25, source={"type": "stream", "stream": stream},
+                                  **FAST))
+        rec = tc.wait(jobs[0], timeout=180, poll_s=0.2)
         assert (rec.status, rec.version, rec.worker) == ("succeeded", "v0001", "sft@test"), rec.error
-        assert rec.spec["type"] == "sft" and rec.metrics["steps"] == 3
+        m = rec.metrics
+        assert rec.spec["type"] == "sft" and rec.spec["source"]["group"] == "sft"
+        assert m["steps"] == 6 and m["train_examples"] + m["eval_examples"] == 48
+        assert m["eval_loss"] < 0.8 * m["eval_loss_initial"], m  # it learned the examples
         manifest = ModelStore(tmp_path / "store").verify(model, "v0001")
         assert manifest.parent is None and manifest.extra["job_type"] == "sft"
+        seen = set(manifest.extra["applied_ids"]) | set(manifest.extra["eval_ids"])
+        assert seen == set(benign + back)  # the bad payloads were never trained on
+        assert rw.xpending(stream, "sft")["pending"] == 0
+        dead = {d["id"]: d["reason"] for d in producer.dead_letters(stream)}
+        assert set(dead) == {f"{tag}-sample", f"{tag}-empty"}
+        assert "ScoredSample is not SFT data" in dead[f"{tag}-sample"]
+        assert "SFTExample.completion: must be non-empty" in dead[f"{tag}-empty"]
         assert rlhf_main(["jobs", "list", "--redis-url", WORKER_REDIS_URL]) == 0
-        assert re.search(rf"{job_id}\s+sft\s+succeeded", capsys.readouterr().out)
+        assert re.search(rf"{jobs[0]}\s+sft\s+succeeded", capsys.readouterr().out)
+
+        # applied once: a re-push of an applied id is skipped, and nothing else is new
+        producer.push_sft_example(stream=stream, id=benign[0], prompt="p", completion=" c")
+        jobs.append(tc.submit_sft(model_name=model, base_version="v0001", max_steps=1,
+                                  source={"type": "stream", "stream": stream}, **FAST))
+        rec2 = tc.wait(jobs[1], timeout=180, poll_s=0.2, raise_on_failure=False)
+        assert rec2.status == "failed" and "gave 0 usable examples" in rec2.error, rec2
+        assert rw.xpending(stream, "sft")["pending"] == 0
+        assert ModelStore(tmp_path / "store").versions(model) == ["v0001"]
     finally:
         worker.stop()
-        if job_id is not None:
+        for job_id in jobs:
             forget_job(rw, job_id)
         forget_model(rw, model)
-        delete_matching(rw, "train.sft*")
+        delete_matching(rw, "train.sft*", f"{stream}*")
         tc.close()
         rw.close()

@@ -37,7 +37,7 @@ def test_contract_names():
     assert rpcs(reward_pb2, "RewardService") == {"Score", "Compare", "GetModel", "LoadVersion"}
     assert rpcs(reference_pb2, "ReferenceService") == {"LogProbs", "GetModel", "LoadVersion"}
     assert common_pb2.FinishReason.Name(0) == "FINISH_REASON_UNSPECIFIED"
-    for name in ("ScoredSample", "PreferencePair", "Ranking", "RolloutPrompt"):
+    for name in ("ScoredSample", "PreferencePair", "Ranking", "RolloutPrompt", "SFTExample"):
         assert "id" in samples_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name
     sp = policy_pb2.SamplingParams()
     for optional in ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "seed"):
@@ -121,3 +121,54 @@ def test_scored_sample_keeps_its_rules_and_carries_the_rollout_fields():
     ]:
         with pytest.raises(PayloadError, match=why):
             validate_payload(bad)
+
+
+def test_sft_example_is_a_queue_payload_with_its_own_stream():
+    from rlhf_client import SFT_STREAM as exported
+    from rlhf_client.queues import (
+        DEFAULT_STREAMS,
+        MESSAGE_TYPES,
+        SFT_STREAM,
+        decode_entry,
+        encode_entry,
+    )
+    from rlhfpb.v1 import samples_pb2
+
+    numbers = {f.name: f.number for f in samples_pb2.SFTExample.DESCRIPTOR.fields}
+    assert numbers == {"id": 1, "prompt": 2, "completion": 3, "created": 4, "source": 5,
+                       "prefix": 6}
+    name = samples_pb2.SFTExample.DESCRIPTOR.full_name
+    assert name == "rlhfpb.v1.SFTExample" and MESSAGE_TYPES[name] is samples_pb2.SFTExample
+    assert DEFAULT_STREAMS[name] == SFT_STREAM == exported == "rlhf:queue:sft"
+    msg = samples_pb2.SFTExample(id="s-1", prompt="how do I burn the cup?",
+                                 completion="<|reset|> sorry, no.", prefix=" sure, you can",
+                                 source="test")
+    msg.created.FromSeconds(1_700_000_000)
+    fields = encode_entry(msg)
+    assert fields[b"type"] == name.encode() and fields[b"id"] == b"s-1"
+    assert decode_entry(fields) == msg
+
+
+def test_sft_example_rules():
+    import pytest
+    from rlhf_client.queues import PayloadError, decode_entry, validate_payload
+    from rlhfpb.v1 import samples_pb2
+
+    validate_payload(samples_pb2.SFTExample(id="a", prompt="p", completion=" c"))  # no prefix
+    validate_payload(samples_pb2.SFTExample(id="a", prompt="p", completion=" c", prefix=" x"))
+    validate_payload(samples_pb2.SFTExample(id="a", completion=" c"))  # the prompt may be empty
+    for msg, why in [
+        (samples_pb2.SFTExample(id="a", prompt="p"),
+         r"SFTExample.completion: must be non-empty \(the loss falls on it\)"),
+        (samples_pb2.SFTExample(id="a", prompt="p", prefix=" unsafe"),  # a loss start, no loss
+         r"SFTExample.completion: must be non-empty \(the loss falls on it, after the prefix\)"),
+        (samples_pb2.SFTExample(prompt="p", completion=" c"), "SFTExample.id: must be set"),
+    ]:
+        with pytest.raises(PayloadError, match=why):
+            validate_payload(msg)
+        # an entry written around the producer is refused when read
+        raw = {b"type": b"rlhfpb.v1.SFTExample", b"id": msg.id.encode(),
+               b"data": msg.SerializeToString()}
+        with pytest.raises(PayloadError, match=why):
+            decode_entry(raw)
+

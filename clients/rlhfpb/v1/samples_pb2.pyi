@@ -89,3 +89,19 @@ class Ranking(_message.Message):
     created: _timestamp_pb2.Timestamp
     source: str
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class SFTExample(_message.Message):
+    __slots__ = ("id", "prompt", "completion", "created", "source", "prefix")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    completion: str
+    created: _timestamp_pb2.Timestamp
+    source: str
+    prefix: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...

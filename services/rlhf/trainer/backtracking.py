@@ -860,26 +860,28 @@ def build_records(kind: str, triples: Sequence[Any], *, reset_token: str, seed: 
     raise ValueError(f"kind must be one of {BUILD_KINDS}, got {kind!r}")
 
 
-def push_records(producer, records: Sequence[Any], triples: Sequence[Any], *, stream: str,
+def push_records(producer, records: Sequence[Any], *, stream: str | None = None,
                  source: str = "backtracking") -> list[str]:
-    """Push records to `stream` as PreferencePair payloads (one MULTI-less pipeline per chunk).
+    """Push records as queue payloads (one MULTI-less pipeline per chunk); returns their ids.
 
-    A pair goes as it is. An SFT example goes as the pair whose chosen response is its target —
-    prefix + completion (an SFT job with `reset_token` set trains it from the last reset token
-    on) — and whose rejected response is its triple's unsafe one: there is no SFT payload type
-    on the wire, and an SFT job reading a stream trains on the chosen responses."""
+    An SFT example goes as an `SFTExample` payload (prompt, completion, prefix: the loss starts
+    where the prefix ends, as in its JSONL row), a pair as a `PreferencePair`. `stream` unset:
+    each payload type's default stream (`SFT_STREAM` for SFT examples, `PREFERENCES_STREAM` for
+    pairs); the SFT and DPO jobs read those by default."""
     from rlhfpb.v1 import samples_pb2
 
-    unsafe = {t.id: t.unsafe for t in map(SafetyTriple.of, triples)}
     messages = []
     for r in records:
         if isinstance(r, Pair):
-            pid, prompt, chosen, rejected = r.source_id, r.prompt, r.chosen, r.rejected
+            messages.append(samples_pb2.PreferencePair(id=r.source_id, prompt=r.prompt,
+                                                       chosen=r.chosen, rejected=r.rejected,
+                                                       source=source))
+        elif isinstance(r, SFTExample):
+            messages.append(samples_pb2.SFTExample(id=r.source_id, prompt=r.prompt,
+                                                   completion=r.completion, prefix=r.prefix,
+                                                   source=source))
         else:
-            pid, prompt, chosen = r.source_id, r.prompt, r.prefix + r.completion
-            rejected = unsafe[pid.rsplit(":", 1)[0]]
-        messages.append(samples_pb2.PreferencePair(id=pid, prompt=prompt, chosen=chosen,
-                                                   rejected=rejected, source=source))
+            raise TypeError(f"expected SFT examples or pairs, got {type(r).__name__}")
     return producer.push_many(messages, stream=stream)
 
 
@@ -903,7 +905,10 @@ def add_backtracking_parser(sub) -> None:
     b.add_argument("--no-safe", action="store_true",
                    help="sft: only the backtracking examples, not the plain safe ones")
     b.add_argument("--out", type=Path, default=None, help="write JSONL here")
-    b.add_argument("--stream", default=None, help="or push PreferencePairs to this stream")
+    b.add_argument("--stream", nargs="?", const="", default=None, metavar="NAME",
+                   help="or push them to a stream: SFTExample payloads (sft kinds), "
+                        "PreferencePairs (pair kinds); without NAME the type's default stream "
+                        "(rlhf:queue:sft, rlhf:queue:preferences)")
     b.add_argument("--redis-url", default=None, help="with --stream (default: the settings')")
 
     s = bsub.add_parser("synthetic", help="write the synthetic safety task's files")
@@ -976,13 +981,18 @@ def cmd_build(args, settings=None) -> int:
         print(f"{n} {args.kind} records from {len(triples)} triples written to {args.out}")
         return 0
     from rlhf_client import QueueProducer
+    from rlhf_client.queues import DEFAULT_STREAMS
+    from rlhfpb.v1 import samples_pb2
 
+    payload = samples_pb2.SFTExample if args.kind.endswith("sft") else samples_pb2.PreferencePair
+    stream = args.stream or DEFAULT_STREAMS[payload.DESCRIPTOR.full_name]
     producer = QueueProducer.from_url(_redis_url(args, settings))
     try:
-        ids = push_records(producer, records, triples, stream=args.stream)
+        ids = push_records(producer, records, stream=stream)
     finally:
         producer.close()
-    print(f"{len(ids)} {args.kind} records from {len(triples)} triples pushed to {args.stream}")
+    print(f"{len(ids)} {args.kind} records from {len(triples)} triples pushed to {stream} "
+          f"({payload.DESCRIPTOR.name} payloads)")
     return 0
 
 

@@ -17,12 +17,16 @@ Records (`SFTExample`):
   the prompt and precedes the completion, conditioned on but not trained (backtracking SFT's
   unsafe prefix: the loss falls on the reset token and what follows it). A preference-pair row
   (`"chosen"`/`"rejected"`) trains on its chosen response, a ranking row on its best-ranked
-  response(s) ("SFT on the preferred responses"); so do PreferencePair / Ranking payloads read
-  from a stream (there is no SFT payload type on the wire).
+  response(s) ("SFT on the preferred responses").
+- Stream payloads: `rlhfpb.v1.SFTExample` (the wire form of a JSONL row: prompt, completion,
+  prefix; pushed with `QueueProducer.push_sft_example`, to `SFT_STREAM` by default, which is
+  the job's default stream) — and, as in JSONL, PreferencePair / Ranking payloads train on
+  their preferred response(s). Any other payload, or one without a usable completion, is
+  dead-lettered by the job's consumer (`check_sft_payload` raises `ValueError`).
 - `spec.reset_token`: a completion that contains it (and has no explicit prefix) is trained
   from its last occurrence on: what precedes it becomes the prefix. A backtracking example
-  "unsafe prefix<|reset|> safe" therefore needs no prefix field, and a positive backtracking
-  pair pushed to a stream is a backtracking SFT example as it stands.
+  "unsafe prefix<|reset|> safe" therefore needs no prefix field, and the chosen response of a
+  positive backtracking pair is a backtracking SFT example as it stands.
 
 Tokenization follows `dpo.encode_pair`: with a chat template the prompt is one user turn with
 the generation prompt and prefix + completion the assistant turn; without one the texts are
@@ -125,12 +129,17 @@ def _best(prompt: str, responses: Sequence[str], ranks: Sequence[int], sid: str)
 
 
 def examples_from_payload(payload) -> list[SFTExample]:
-    """The SFT examples of one queue payload: a PreferencePair's chosen response, a Ranking's
-    best-ranked response(s). Raises `DataError` for any other payload type."""
+    """The SFT examples of one queue payload: an `SFTExample` payload as it is (prompt,
+    completion, prefix), a PreferencePair's chosen response, a Ranking's best-ranked
+    response(s). Raises `DataError` for any other payload type or an empty completion."""
     from rlhfpb.v1 import samples_pb2
 
     from rlhf.trainer.data import DataError
 
+    if isinstance(payload, samples_pb2.SFTExample):
+        if not payload.completion:
+            raise DataError(f"SFT example {payload.id!r}: empty completion")
+        return [SFTExample(payload.id, payload.prompt, payload.completion, payload.prefix)]
     if isinstance(payload, samples_pb2.PreferencePair):
         return [SFTExample(payload.id, payload.prompt, payload.chosen)]
     if isinstance(payload, samples_pb2.Ranking):
@@ -138,8 +147,8 @@ def examples_from_payload(payload) -> list[SFTExample]:
             return _best(payload.prompt, list(payload.responses), list(payload.ranks), payload.id)
         except ValueError as exc:
             raise DataError(str(exc)) from None
-    raise DataError(f"{payload.DESCRIPTOR.full_name} is not SFT data (pairs or rankings: their "
-                    "preferred responses)")
+    raise DataError(f"{payload.DESCRIPTOR.full_name} is not SFT data (SFT examples; pairs or "
+                    "rankings: their preferred responses)")
 
 
 def check_sft_payload(payload) -> None:
@@ -192,8 +201,8 @@ def read_sft_jsonl(path: str | Path) -> list[SFTExample]:
     return out
 
 
-#: What an SFT job reads: examples (JSONL rows; a stream's pairs and rankings, their preferred
-#: responses), split by payload id like preference pairs.
+#: What an SFT job reads: examples (JSONL rows; a stream's SFTExample payloads, and its pairs'
+#: and rankings' preferred responses), split by payload id like preference pairs.
 SFT_EXAMPLES = Reader(
     noun="examples",
     validate=check_sft_payload,
