@@ -335,6 +335,42 @@ def test_an_online_job_trains_on_pushed_pairs_once_and_commits_them(r, names, tm
     rb.close()
 
 
+def test_a_waiting_job_reads_until_it_has_its_minimum_not_just_a_first_batch(r, names, base,
+                                                                            settings):
+    """Producers push in batches (rollout workers, labellers): with `block_ms` the job waits for
+    `min_pairs`, so a first batch smaller than that does not fail it."""
+    import threading
+
+    from trainer_helpers import wait_for
+
+    rb = connect(REDIS_URL)
+    producer, stream = QueueProducer(rb), names["stream"]
+    batches = [task_pairs(3, seed=s, prefix=unique(f"b{s}")) for s in (21, 22)]
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(out=run(
+        names, settings, source={"type": "stream", "stream": stream, "block_ms": 120_000},
+        min_pairs=6, max_steps=1, eval_fraction=0)[1]))
+    for p in batches[0]:
+        producer.push_pair(stream=stream, **p)
+    job.start()
+    def pending() -> int:
+        try:
+            return rb.xpending(stream, "dpo")["pending"]
+        except redis.ResponseError:  # NOGROUP: the job has not created its group yet
+            return 0
+
+    wait_for(lambda: pending() == 3, timeout=60, what="the job to read the first batch")
+    for p in batches[1]:
+        producer.push_pair(stream=stream, **p)
+    job.join(timeout=120)
+    out = outcome["out"]
+    assert out.status == "succeeded", out
+    manifest = ModelStore(settings.store_dir).manifest(names["model"], out.version)
+    assert sorted(manifest.extra["applied_ids"]) == sorted(p["id"] for b in batches for p in b)
+    assert rb.xpending(stream, "dpo")["pending"] == 0
+    rb.close()
+
+
 @pytest.mark.parametrize("spec,message", [
     (dict(beta=0), "beta: Input should be greater than 0"),
     (dict(beta=-0.1), "beta: Input should be greater than 0"),

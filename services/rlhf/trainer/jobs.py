@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from rlhf_client.queues import PREFERENCES_STREAM, SAMPLES_STREAM
+from rlhf_client.queues import PREFERENCES_STREAM, SAMPLES_STREAM, SFT_STREAM
 from rlhf_client.redis_conn import connect
 from rlhf_client.registry import Registry
 from rlhf_client.training import JOBS_INDEX, TERMINAL_STATUSES, JobRecord, job_key, read_job
@@ -84,7 +84,8 @@ class StreamSource(_Spec):
     group: str = Field("reward-model", pattern=_NAME, description="Consumer group (its own "
                        "read position and applied-id set: one per model lineage).")
     max_entries: int = Field(100_000, gt=0, description="Most payloads one job reads.")
-    block_ms: int = Field(0, ge=0, le=600_000, description="Wait this long for a first entry.")
+    block_ms: int = Field(0, ge=0, le=600_000, description="Wait up to this long for the job's "
+                          "minimum number of items (0: take what is there).")
 
 
 class JsonlSource(_Spec):
@@ -288,10 +289,12 @@ def check_dpo_submit(spec: "DPOJob", client: redis.Redis) -> None:
 # --- SFT (the job function is rlhf.trainer.sft.run_sft_job) ------------------------------------
 
 class SFTStreamSource(StreamSource):
-    """Preference payloads from a Redis stream (their preferred responses are the SFT targets),
-    in SFT's own consumer group by default."""
+    """SFTExample payloads from a Redis stream (`SFT_STREAM` by default; PreferencePair and
+    Ranking payloads train on their preferred responses), in SFT's own consumer group by
+    default."""
 
-    stream: str = Field(PREFERENCES_STREAM, min_length=1, description="Stream to read.")
+    stream: str = Field(SFT_STREAM, min_length=1, description="Stream to read (SFTExample "
+                        "payloads; pairs and rankings: their preferred responses).")
     group: str = Field("sft", pattern=_NAME, description="Consumer group (its own read position "
                        "and applied-id set: one per model lineage).")
 

@@ -19,6 +19,7 @@ Redis (`ctx.redis`) and is idempotent, so a published version is never trained a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,16 +105,13 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
     base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
                         base_version=spec.base_version)
     entries: list = []
+    noun, minimum = reader.noun, reader.min_count(spec)
     if consumer is not None:
-        entries = consumer.read(spec.source.max_entries, block_ms=spec.source.block_ms or None)
-        ctx.on_heartbeat(lambda: consumer.touch(entries))
-        consumer.update_metrics()
-        items = [x for e in entries for x in reader.items(e.payload)]
+        entries, items = _read_stream(consumer, reader, spec.source, minimum, ctx)
         where = f"stream {spec.source.stream!r} (group {spec.source.group!r})"
     else:
         items = reader.read_jsonl(spec.source.path)
         where = spec.source.path
-    noun, minimum = reader.noun, reader.min_count(spec)
     if len(items) < minimum:
         raise DataError(f"{where} gave {len(items)} usable {noun}; the job needs at least "
                         f"{minimum}")
@@ -121,6 +119,27 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
     ctx.progress(0.0, {**(stage or {}), noun: len(items), f"train_{noun}": len(train),
                        f"eval_{noun}": len(evals)}, force=True)
     return JobInputs(store, registry, consumer, base, entries, items, train, evals)
+
+
+def _read_stream(consumer: StreamConsumer, reader: Reader, source, minimum: int,
+                 ctx: JobContext) -> tuple[list, list]:
+    """Up to `source.max_entries` entries and their items. With `source.block_ms` the job waits
+    up to that long in all for its `minimum` items (producers such as rollout workers push in
+    batches), not just for a first entry; what arrived by then is what it gets."""
+    deadline = time.monotonic() + source.block_ms / 1000.0
+    entries: list = []
+    items: list = []
+    ctx.on_heartbeat(lambda: consumer.touch(entries))  # entries grows in place
+    wait_ms = source.block_ms or None
+    while len(entries) < source.max_entries:
+        got = consumer.read(source.max_entries - len(entries), block_ms=wait_ms)
+        entries.extend(got)
+        items.extend(x for e in got for x in reader.items(e.payload))
+        wait_ms = int((deadline - time.monotonic()) * 1000)
+        if not got or len(items) >= minimum or wait_ms <= 0:
+            break
+    consumer.update_metrics()
+    return entries, items
 
 
 def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | Path, *, kind: str,
