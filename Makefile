@@ -79,6 +79,7 @@ protos: setup
 
 bench: setup redis
 	$(PY) bench/generation.py
+	$(PY) bench/ppo.py
 
 clean:
 	rm -rf .cache model-store

@@ -44,16 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="backtracking: train and sample in this process (no services, no Redis)")
     parser.add_argument("--seed", type=int, default=0, help="backtracking: the task's seed")
-    parser.add_argument("--redis-url", default=REDIS_URL,
-                        help="backtracking: Redis for the registry, the streams and the worker's "
-                             "broker (a database no other trainer worker consumes)")
 
 
 def _opt(args: argparse.Namespace, name: str):
+    """A demo flag (this module's or `rlhf.demo`'s), or its default when the parser lacks it."""
     if hasattr(args, name):
         return getattr(args, name)
+    from rlhf.demo import add_demo_arguments
+
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
+    add_demo_arguments(parser)
     return parser.get_default(name)
 
 
@@ -159,10 +160,10 @@ def _with_services(console, task, work: Path, reset: str, judge, *, seed: int, n
                "backtrack": f"rlhf:demo:{run_id}:backtrack-pairs"}
     producer = QueueProducer.from_url(redis_url)
     pushed = {
-        "baseline": bt.push_records(producer, bt.baseline_pairs(task.triples), task.triples,
+        "baseline": bt.push_records(producer, bt.baseline_pairs(task.triples),
                                     stream=streams["baseline"]),
         "backtrack": bt.push_records(producer, bt.backtracking_pairs(
-            task.triples, reset_token=reset, seed=seed), task.triples, stream=streams["backtrack"]),
+            task.triples, reset_token=reset, seed=seed), stream=streams["backtrack"]),
     }
     producer.close()
     console.print(f"[green]✓[/] data: {sft_files['baseline'].name}, {sft_files['backtrack'].name} "

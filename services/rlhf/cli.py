@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     demo.add_argument("--pairs", type=int, default=300, help="synthetic preference pairs to push")
+    demo.add_argument("--recipe", choices=["banana", "backtracking"], default="banana",
+                      help="banana: teach the policy to say banana (--algo picks DPO, PPO or GRPO); "
+                      "backtracking: the reset-token recipe's four rows (SFT / SFT + DPO, with "
+                      "and without backtracking)")
+    from rlhf.backtracking_demo import add_arguments as add_backtracking_arguments
+    from rlhf.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    add_backtracking_arguments(demo)
     _add_debug(demo)
 
     from rlhf.trainer.cli import add_parsers as add_trainer_parsers
@@ -296,15 +305,19 @@ def _tiny(args) -> int:
 def _demo(args) -> int:
     import redis
 
-    from rlhf.demo import REDIS_URL, run_demo
+    from rlhf.demo import run_demo
     from rlhf.errors import StartupError
 
     try:
+        if args.recipe == "backtracking":
+            from rlhf.backtracking_demo import run_backtracking_demo
+
+            return run_backtracking_demo(args)
         return run_demo(args)
     except KeyboardInterrupt:
         return 130
     except redis.ConnectionError as exc:
-        cause = StartupError(f"Redis at {REDIS_URL} is unreachable ({exc}); the demo needs a local "
+        cause = StartupError(f"Redis at {args.redis_url} is unreachable ({exc}); the demo needs a "
                              "redis-server there")
         cause.__traceback__ = exc.__traceback__
         return _report("rlhf demo", cause, args.debug, started=True)
