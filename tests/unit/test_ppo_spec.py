@@ -1,6 +1,7 @@
 """The PPO job spec: typed, validated once, every rejection naming its field (as DPO's do).
 
-No Redis, no torch: `parse_spec` is what `submit_job` runs first, so a spec rejected here never
+No Redis (torch only for the score shaping the spec's fields select): `parse_spec` is what
+`submit_job` runs first, so a spec rejected here never
 reaches the queue. The Literals the spec is typed with are the keys of the math registries
 (rlhf.trainer.advantages / ppo_losses); a test keeps them equal.
 """
@@ -129,6 +130,8 @@ def test_groups_of_one_are_fine_for_the_estimators_that_do_not_compare():
     (dict(max_new_tokens_norm=64), "  max_new_tokens_norm: applies to loss_aggregation "
      "'seq-mean-token-sum-norm' only, not 'token-mean'"),
     (dict(adam_betas=(0.9, 1.0)), "  adam_betas: must both lie in [0, 1)"),
+    (dict(missing_eos_penalty=-1.0, missing_eos_score=-2.0), "  missing_eos_score: set "
+     "missing_eos_penalty (added to the score) or missing_eos_score (replaces it), not both"),
 ])
 def test_cross_field_rules_name_their_field(changes, line):
     assert line in reject(**changes)
@@ -156,3 +159,33 @@ def test_the_job_routes_to_its_own_task_and_queue():
 
     assert TASK_FOR_JOB["ppo"] == "rlhf.train_ppo"
     assert QUEUE_FOR_TASK["rlhf.train_ppo"] == "train.ppo" and "train.ppo" in QUEUES
+
+
+@pytest.mark.parametrize("changes,expected", [
+    (dict(), [2.0, -1.0, 0.5, 3.0]),
+    (dict(missing_eos_penalty=-1.0), [2.0, -2.0, 0.5, 2.0]),  # the two that did not end
+    (dict(missing_eos_score=-5.0), [2.0, -5.0, 0.5, -5.0]),
+    (dict(missing_eos_penalty=-1.0, reward_clip=1.5), [1.5, -1.5, 0.5, 1.5]),
+])
+def test_scores_are_shaped_by_the_eos_rule_then_clipped(changes, expected):
+    import torch
+
+    from rlhf.trainer.ppo import shape_scores
+
+    scores = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    ended = torch.tensor([True, False, True, False])
+    spec = parse_spec({**GOOD, **changes})
+    assert shape_scores(scores, ended, spec).tolist() == expected
+    assert scores.tolist() == [2.0, -1.0, 0.5, 3.0]  # the input is left as it was
+
+
+def test_whitened_rewards_keep_the_mean_and_have_unit_variance():
+    import torch
+
+    from rlhf.trainer.ppo import shape_scores
+
+    scores = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    out = shape_scores(scores, torch.ones(4, dtype=torch.bool),
+                       parse_spec({**GOOD, "whiten_rewards": True}))
+    assert float(out.mean()) == pytest.approx(float(scores.mean()))
+    assert float(out.var()) == pytest.approx(1.0, rel=1e-6)

@@ -449,6 +449,8 @@ class PPOJob(_Spec):
     reward_clip: float | None = Field(None, gt=0, description="Clip scores to ±this.")
     missing_eos_penalty: float | None = Field(None, description="Added to the score of a sample "
                                               "that did not end (no EOS / stop).")
+    missing_eos_score: float | None = Field(None, description="Replaces the score of a sample "
+                                            "that did not end (no EOS / stop).")
     # losses
     clip_eps: float = Field(0.2, gt=0, description="ε (ε_low): ρ clipped to [1 − ε, 1 + ε_high].")
     clip_eps_high: float | None = Field(None, gt=0, description="ε_high (None: clip_eps).")
@@ -501,6 +503,9 @@ class PPOJob(_Spec):
         if self.max_new_tokens_norm is not None and self.aggregation != "seq-mean-token-sum-norm":
             problems.append(("max_new_tokens_norm", "applies to loss_aggregation "
                              f"'seq-mean-token-sum-norm' only, not {self.aggregation!r}"))
+        if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
+            problems.append(("missing_eos_score", "set missing_eos_penalty (added to the score) "
+                             "or missing_eos_score (replaces it), not both"))
         if not all(0 <= b < 1 for b in self.adam_betas):
             problems.append(("adam_betas", "must both lie in [0, 1)"))
         if problems:

@@ -95,6 +95,7 @@ __all__ = [
     "SAMPLES",
     "version_lineage",
     "split_stale",
+    "shape_scores",
     "PPOTrainResult",
     "train_ppo",
     "run_ppo_job",
@@ -544,16 +545,7 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
     ref_logp = _padded([r.reference_logprobs for r in usable], T, dev)  # (B, T)
     raw_scores = torch.tensor([r.score for r in usable], dtype=torch.float32, device=dev)  # (B,)
     ended = torch.tensor([r.ended for r in usable], dtype=torch.bool, device=dev)  # (B,)
-    scores = raw_scores.clone()
-    if spec.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, scores + spec.missing_eos_penalty)
-    if spec.reward_clip is not None:
-        scores = scores.clamp(-spec.reward_clip, spec.reward_clip)
-    if spec.whiten_rewards and B > 1:
-        from rlhf.trainer.advantages import masked_whiten
-
-        scores = masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
-                               shift_mean=False)[:, 0]
+    scores = shape_scores(raw_scores, ended, spec)
     group_names = {g: k for k, g in enumerate(dict.fromkeys(r.group_id for r in usable))}
     group = torch.tensor([group_names[r.group_id] for r in usable], dtype=torch.long, device=dev)
     group_sizes = torch.bincount(group).tolist()
@@ -687,6 +679,27 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
             indent=1, sort_keys=True))
     return PPOTrainResult(metrics, sorted(r.id for r in usable), skipped,
                           [_finite_or_none(c) for c in curves], critic, next_state)
+
+
+def shape_scores(scores: "torch.Tensor", ended: "torch.Tensor", spec: PPOJob) -> "torch.Tensor":
+    """The scores `(B,)` the rewards are made of: a sample that did not end (`ended` `(B,)`
+    False: no EOS / stop) gets `missing_eos_penalty` added or `missing_eos_score` instead; then
+    clipped to ±`reward_clip`; then, with `whiten_rewards`, scaled to unit variance over the
+    batch (mean kept)."""
+    import torch
+
+    if spec.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores + spec.missing_eos_penalty)
+    if spec.missing_eos_score is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, spec.missing_eos_score))
+    if spec.reward_clip is not None:
+        scores = scores.clamp(-spec.reward_clip, spec.reward_clip)
+    if spec.whiten_rewards and scores.shape[0] > 1:
+        from rlhf.trainer.advantages import masked_whiten
+
+        scores = masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
+                               shift_mean=False)[:, 0]
+    return scores
 
 
 def _micro_batches(idx: Sequence[int], n: int) -> list[list[int]]:
