@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from rlhf.trainer.data import DataError, Pair
+from rlhf.trainer.data import DataError, Pair, jsonl_objects
 from rlhf.trainer.sft import SFTExample
 
 __all__ = [
@@ -96,26 +96,13 @@ class SafetyTriple:
 def read_triples(path: str | Path) -> list[SafetyTriple]:
     """Triples from JSONL rows `{"id", "prompt", "safe", "unsafe"}` ("id" optional: the file name
     and line). Raises `DataError` naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected an object")
-            for k in ("prompt", "safe", "unsafe"):
-                if not isinstance(obj.get(k), str) or not obj[k]:
-                    raise DataError(f"{where}: {k!r} must be a non-empty string")
-            out.append(SafetyTriple(str(obj.get("id") or f"{path.name}:{lineno}"), obj["prompt"],
-                                    obj["safe"], obj["unsafe"]))
+    for where, default_id, obj in jsonl_objects(path):
+        for k in ("prompt", "safe", "unsafe"):
+            if not isinstance(obj.get(k), str) or not obj[k]:
+                raise DataError(f"{where}: {k!r} must be a non-empty string")
+        out.append(SafetyTriple(str(obj.get("id") or default_id), obj["prompt"], obj["safe"],
+                                obj["unsafe"]))
     ids = [t.id for t in out]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -648,21 +635,12 @@ def _prompt(p: Any, kind: str) -> EvalPrompt:
 def read_eval_prompts(path: str | Path) -> tuple[list[EvalPrompt], list[EvalPrompt]]:
     """(unsafe, benign) prompts from JSONL rows `{"prompt", "kind": "unsafe"|"benign"[, "id",
     "expect", "group"]}`. Raises `DataError` naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     unsafe, benign = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            kind = obj.get("kind")
-            if kind not in ("unsafe", "benign") or not isinstance(obj.get("prompt"), str):
-                raise ValueError('needs "prompt" and "kind" ("unsafe" or "benign")')
-        except (ValueError, AttributeError) as exc:
-            raise DataError(f"{path}:{lineno}: {exc}") from None
-        p = EvalPrompt(str(obj.get("id") or f"{path.name}:{lineno}"), obj["prompt"], kind,
+    for where, default_id, obj in jsonl_objects(path):
+        kind = obj.get("kind")
+        if kind not in ("unsafe", "benign") or not isinstance(obj.get("prompt"), str):
+            raise DataError(f'{where}: needs "prompt" and "kind" ("unsafe" or "benign")')
+        p = EvalPrompt(str(obj.get("id") or default_id), obj["prompt"], kind,
                        str(obj.get("expect", "") or ""), str(obj.get("group", "") or "plain"))
         (unsafe if kind == "unsafe" else benign).append(p)
     return unsafe, benign

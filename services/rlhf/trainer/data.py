@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -78,12 +78,13 @@ def check_preference_payload(payload) -> None:
     pairs_from_payload(payload)
 
 
-def read_jsonl(path: str | Path) -> list[Pair]:
-    """Pairs from a JSONL file (pairs and rankings; see the module docstring)."""
+def jsonl_objects(path: str | Path) -> Iterator[tuple[str, str, dict]]:
+    """(`file:line` for messages, a default id `name:line`, the row) for every non-blank line
+    of a JSONL file; `DataError` naming the file (and line) when it is missing, a line is not
+    JSON, or a row is not an object. Every JSONL reader of the trainer goes through this."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    pairs: list[Pair] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -95,20 +96,27 @@ def read_jsonl(path: str | Path) -> list[Pair]:
                 raise DataError(f"{where}: not JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected an object")
-            pid = str(obj.get("id") or f"{path.name}:{lineno}")
-            try:
-                if "responses" in obj:
-                    msg = samples_pb2.Ranking(id=pid, prompt=str(obj.get("prompt", "")),
-                                              responses=list(obj["responses"]), ranks=list(obj["ranks"]))
-                else:
-                    msg = samples_pb2.PreferencePair(id=pid, prompt=str(obj.get("prompt", "")),
-                                                     chosen=obj["chosen"], rejected=obj["rejected"])
-                validate_payload(msg)
-            except KeyError as exc:
-                raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
-            except (TypeError, ValueError, PayloadError) as exc:
-                raise DataError(f"{where}: {exc}") from None
-            pairs.extend(pairs_from_payload(msg))
+            yield where, f"{path.name}:{lineno}", obj
+
+
+def read_jsonl(path: str | Path) -> list[Pair]:
+    """Pairs from a JSONL file (pairs and rankings; see the module docstring)."""
+    pairs: list[Pair] = []
+    for where, default_id, obj in jsonl_objects(path):
+        pid = str(obj.get("id") or default_id)
+        try:
+            if "responses" in obj:
+                msg = samples_pb2.Ranking(id=pid, prompt=str(obj.get("prompt", "")),
+                                          responses=list(obj["responses"]), ranks=list(obj["ranks"]))
+            else:
+                msg = samples_pb2.PreferencePair(id=pid, prompt=str(obj.get("prompt", "")),
+                                                 chosen=obj["chosen"], rejected=obj["rejected"])
+            validate_payload(msg)
+        except KeyError as exc:
+            raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError, PayloadError) as exc:
+            raise DataError(f"{where}: {exc}") from None
+        pairs.extend(pairs_from_payload(msg))
     return pairs
 
 

@@ -79,6 +79,7 @@ __all__ = [
     "batch_loss",
     "train_step",
     "make_optimizer",
+    "run_optimizer_steps",
     "evaluate",
     "DPOTrainResult",
     "train_dpo",
@@ -482,6 +483,53 @@ def _lr_factor(step: int, total: int, spec: DPOJob) -> float:
 StepFn = Callable[[int, int, dict[str, float]], None]
 
 
+@dataclass
+class StepsRun:
+    """What `run_optimizer_steps` did: the first and last steps' metrics, the ids of every item
+    that was in a step, the optimizer steps' wall time."""
+
+    first: dict[str, float]
+    last: dict[str, float]
+    seen: set[str]
+    seconds: float
+
+
+def run_optimizer_steps(items: Sequence[Any], *, spec, total: int, optimizer, scheduler,
+                        step: Callable[[list[list[Any]], int], dict[str, float]],
+                        progress: StepFn | None = None,
+                        check: Callable[[], None] | None = None) -> StepsRun:
+    """`total` optimizer steps over `items` (each with an `id`), the loop DPO and SFT share:
+    every step takes `spec.grad_accum_steps` micro-batches of `spec.batch_size` items from a
+    seeded shuffle (`spec.seed`; a fresh shuffle appended when fewer are left, so passes run into
+    each other), calls `step(micro_batches, step_number)` → metrics, advances the schedule, then
+    `progress(step, total, {"train_<k>": v, "lr": lr})` and `check()` (which may raise to stop)."""
+    rng = random.Random(spec.seed)
+    order: list[int] = []
+    seen: set[str] = set()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for n in range(1, total + 1):
+        micro = []
+        for _ in range(spec.grad_accum_steps):
+            if len(order) < spec.batch_size:  # next pass: a fresh shuffle after what is left
+                fresh = list(range(len(items)))
+                rng.shuffle(fresh)
+                order += fresh
+            micro.append([items[i] for i in order[: spec.batch_size]])
+            del order[: spec.batch_size]
+            seen.update(x.id for x in micro[-1])
+        lr = optimizer.param_groups[0]["lr"]
+        last = step(micro, n)
+        first = first or dict(last)
+        scheduler.step()
+        if progress is not None:
+            progress(n, total, {**{f"train_{k}": v for k, v in last.items()}, "lr": lr})
+        if check is not None:
+            check()
+    return StepsRun(first, last, seen, time.perf_counter() - t0)
+
+
 def train_dpo(
     spec: DPOJob,
     pairs: Sequence[Any],
@@ -569,32 +617,12 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
     total = spec.max_steps or spec.epochs * math.ceil(len(train) / per_step)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, spec))
 
-    rng = random.Random(spec.seed)
-    order: list[int] = []
-    seen: set[str] = set()
-    last: dict[str, float] = {}
-    first: dict[str, float] = {}
-    t_train = time.perf_counter()
-    for step in range(1, total + 1):
-        micro = []
-        for _ in range(spec.grad_accum_steps):
-            if len(order) < spec.batch_size:  # next pass: a fresh shuffle after what is left
-                fresh = list(range(len(train)))
-                rng.shuffle(fresh)
-                order += fresh
-            micro.append([train[i] for i in order[: spec.batch_size]])
-            del order[: spec.batch_size]
-            seen.update(p.id for p in micro[-1])
-        lr = opt.param_groups[0]["lr"]
-        last = train_step(model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm,
-                          step=step, total=total)
-        first = first or dict(last)
-        sched.step()
-        if progress is not None:
-            progress(step, total, {**{f"train_{k}": v for k, v in last.items()}, "lr": lr})
-        if check is not None:
-            check()
-    train_s = time.perf_counter() - t_train
+    run = run_optimizer_steps(
+        train, spec=spec, total=total, optimizer=opt, scheduler=sched, progress=progress,
+        check=check, step=lambda micro, n: train_step(
+            model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm, step=n,
+            total=total))
+    first, last, seen, train_s = run.first, run.last, run.seen, run.seconds
     check_finite_weights(model, total, total)
 
     metrics: dict[str, Any] = {

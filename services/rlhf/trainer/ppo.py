@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.trainer.data import DataError
+from rlhf.trainer.data import DataError, jsonl_objects
 from rlhf.trainer.jobs import PPOJob
 from rlhf.trainer.pipeline import Reader
 
@@ -248,25 +248,12 @@ class SampleRecord:
 def read_samples_jsonl(path: str | Path) -> list[SampleRecord]:
     """Samples from a JSONL file, one `SampleRecord` row per line (see `SampleRecord.to_json`);
     `DataError` naming the file and line for anything unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     out: list[SampleRecord] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected an object")
-            try:
-                out.append(SampleRecord.from_mapping(obj))
-            except ValueError as exc:
-                raise DataError(f"{where}: {exc}") from None
+    for where, default_id, obj in jsonl_objects(path):
+        try:
+            out.append(SampleRecord.from_mapping(obj))
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
     return out
 
 

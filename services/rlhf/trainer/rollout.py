@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -209,32 +208,26 @@ def load_prompts_file(path: Path) -> list[PromptItem]:
     """Rows {"id": ..., "prompt": "..."} of a JSONL file (blank lines skipped). ValueError naming
     the file and line for a row that is not an object, lacks either key, repeats an id, has an
     empty prompt or an id longer than MAX_PROMPT_ID_CHARS."""
+    from rlhf.trainer.data import jsonl_objects
+
     out: list[PromptItem] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     source = f"file:{path.name}"
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "id" not in row or "prompt" not in row:
-                raise ValueError(f'{where}: expected an object with "id" and "prompt"')
-            pid, text = row["id"], row["prompt"]
-            if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "":
-                raise ValueError(f"{where}: id must be a non-empty string or an integer")
-            pid = str(pid)
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"{where}: prompt must be a non-empty string")
-            if len(pid) > MAX_PROMPT_ID_CHARS:
-                raise ValueError(f"{where}: id longer than {MAX_PROMPT_ID_CHARS} characters")
-            if pid in seen:
-                raise ValueError(f"{where}: id {pid!r} repeats line {seen[pid]}")
-            seen[pid] = lineno
-            out.append(PromptItem(pid, text, source))
+    for where, _, row in jsonl_objects(path):
+        if "id" not in row or "prompt" not in row:
+            raise ValueError(f'{where}: expected an object with "id" and "prompt"')
+        pid, text = row["id"], row["prompt"]
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "":
+            raise ValueError(f"{where}: id must be a non-empty string or an integer")
+        pid = str(pid)
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{where}: prompt must be a non-empty string")
+        if len(pid) > MAX_PROMPT_ID_CHARS:
+            raise ValueError(f"{where}: id longer than {MAX_PROMPT_ID_CHARS} characters")
+        if pid in seen:
+            raise ValueError(f"{where}: id {pid!r} repeats line {seen[pid].rsplit(':', 1)[1]}")
+        seen[pid] = where
+        out.append(PromptItem(pid, text, source))
     return out
 
 

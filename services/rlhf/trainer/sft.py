@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -160,44 +159,31 @@ def read_sft_jsonl(path: str | Path) -> list[SFTExample]:
     """SFT examples from a JSONL file: `{"id", "prompt", "completion"[, "prefix"]}` rows,
     preference-pair rows (their chosen response) and ranking rows (their best response(s)).
     Raises `DataError` naming the file and line."""
-    from rlhf.trainer.data import DataError
+    from rlhf.trainer.data import DataError, jsonl_objects
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     out: list[SFTExample] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected an object")
-            sid = str(obj.get("id") or f"{path.name}:{lineno}")
-            prompt = obj.get("prompt", "")
-            try:
-                if "completion" in obj:
-                    ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["completion"], "completion"),
-                                     _str(obj.get("prefix", ""), "prefix"))]
-                elif "chosen" in obj:
-                    ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["chosen"], "chosen"))]
-                elif "responses" in obj:
-                    ex = _best(_str(prompt, "prompt"), [_str(r, "responses") for r in obj["responses"]],
-                               [int(k) for k in obj["ranks"]], sid)
-                else:
-                    raise KeyError("completion")
-            except KeyError as exc:
-                raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
-            except (TypeError, ValueError) as exc:
-                raise DataError(f"{where}: {exc}") from None
-            for e in ex:
-                if not e.completion:
-                    raise DataError(f"{where}: empty completion")
-            out.extend(ex)
+    for where, default_id, obj in jsonl_objects(path):
+        sid = str(obj.get("id") or default_id)
+        prompt = obj.get("prompt", "")
+        try:
+            if "completion" in obj:
+                ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["completion"], "completion"),
+                                 _str(obj.get("prefix", ""), "prefix"))]
+            elif "chosen" in obj:
+                ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["chosen"], "chosen"))]
+            elif "responses" in obj:
+                ex = _best(_str(prompt, "prompt"), [_str(r, "responses") for r in obj["responses"]],
+                           [int(k) for k in obj["ranks"]], sid)
+            else:
+                raise KeyError("completion")
+        except KeyError as exc:
+            raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: {exc}") from None
+        for e in ex:
+            if not e.completion:
+                raise DataError(f"{where}: empty completion")
+        out.extend(ex)
     return out
 
 
@@ -395,7 +381,7 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.models.tiny import quiet_progress_bars
-    from rlhf.trainer.dpo import _lr_factor, make_optimizer
+    from rlhf.trainer.dpo import _lr_factor, make_optimizer, run_optimizer_steps
     from rlhf.trainer.finite import check_finite_weights
 
     t_start = time.perf_counter()
@@ -424,34 +410,18 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
     total = spec.max_steps or spec.epochs * math.ceil(len(train) / per_step)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, spec))
 
-    rng = random.Random(spec.seed)
-    order: list[int] = []
-    seen: set[str] = set()
-    last: dict[str, float] = {}
-    first: dict[str, float] = {}
     tokens = 0
-    t_train = time.perf_counter()
-    for step in range(1, total + 1):
-        micro = []
-        for _ in range(spec.grad_accum_steps):
-            if len(order) < spec.batch_size:  # next pass: a fresh shuffle after what is left
-                fresh = list(range(len(train)))
-                rng.shuffle(fresh)
-                order += fresh
-            micro.append([train[i] for i in order[: spec.batch_size]])
-            del order[: spec.batch_size]
-            seen.update(e.id for e in micro[-1])
-        lr = opt.param_groups[0]["lr"]
-        last = train_step(model, opt, micro, pad_id=pad_id, max_grad_norm=spec.max_grad_norm,
-                          step=step, total=total)
-        tokens += int(last["tokens"])
-        first = first or dict(last)
-        sched.step()
-        if progress is not None:
-            progress(step, total, {**{f"train_{k}": v for k, v in last.items()}, "lr": lr})
-        if check is not None:
-            check()
-    train_s = time.perf_counter() - t_train
+
+    def step(micro, n: int) -> dict[str, float]:
+        nonlocal tokens
+        out = train_step(model, opt, micro, pad_id=pad_id, max_grad_norm=spec.max_grad_norm,
+                         step=n, total=total)
+        tokens += int(out["tokens"])
+        return out
+
+    run = run_optimizer_steps(train, spec=spec, total=total, optimizer=opt, scheduler=sched,
+                              step=step, progress=progress, check=check)
+    first, last, seen, train_s = run.first, run.last, run.seen, run.seconds
     check_finite_weights(model, total, total)
 
     metrics: dict[str, Any] = {
