@@ -176,12 +176,10 @@ class ReferenceSpec(_Spec):
         return self
 
 
-class DPOJob(_Spec):
-    """Direct preference optimisation of a policy on preference pairs (no reward model, no RL
-    loop). With h = (log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l)) the loss is
-    −log σ(βh) for `sigmoid` (see rlhf.trainer.losses for the others)."""
+class _PolicyTrainingJob(_Spec):
+    """What every job that trains a policy on a fixed batch of items (DPO's pairs, SFT's
+    examples) is told: where it starts and publishes, and how it optimises."""
 
-    type: Literal["dpo"] = "dpo"
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
     model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
                             "publish to.")
@@ -189,9 +187,41 @@ class DPOJob(_Spec):
                                  "version); unset: from base_version of model_name.")
     base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
                                      "of model_name; unset (and no base_dir): its active version.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of payloads.")
+    # optimisation
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Items (pairs, examples) per "
+                            "micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="After warm-up.")
+    append_eos: bool = Field(True, description="End plain-text responses with the eos token.")
+    seed: int = 0
+    activate: bool = Field(False, description="Make the new version the active one.")
+
+    @model_validator(mode="after")
+    def _check_start_and_optimiser(self) -> "_PolicyTrainingJob":
+        if self.base_dir is not None and self.base_version is not None:
+            raise ValueError("set base_dir or base_version, not both")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must both lie in [0, 1)")
+        return self
+
+
+class DPOJob(_PolicyTrainingJob):
+    """Direct preference optimisation of a policy on preference pairs (no reward model, no RL
+    loop). With h = (log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l)) the loss is
+    −log σ(βh) for `sigmoid` (see rlhf.trainer.losses for the others)."""
+
+    type: Literal["dpo"] = "dpo"
     source: Annotated[Union[DPOStreamSource, JsonlSource], Field(discriminator="type")]
     min_pairs: int = Field(1, ge=1, description="Fewer usable pairs than this: the job fails.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of payloads.")
     # loss
     loss_type: DPOLossType = "sigmoid"
     beta: float = Field(0.1, gt=0, description="β: strength of the implicit KL constraint.")
@@ -199,38 +229,20 @@ class DPOJob(_Spec):
     simpo_gamma: float = Field(0.5, ge=0, description="γ: SimPO's target reward margin.")
     rpo_alpha: float = Field(0.0, ge=0, description="Weight of RPO's NLL term on y_w.")
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
-    # optimisation
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs).")
-    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per micro-batch.")
-    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-6, gt=0, le=1)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
-    lr_schedule: Literal["constant", "linear"] = Field("constant", description="After warm-up.")
     max_length: int = Field(512, ge=2, description="Tokens per row (prompt + response; longer "
                             "rows keep their first max_length tokens; a prompt that fills it "
                             "drops the pair).")
-    append_eos: bool = Field(True, description="End plain-text responses with the eos token.")
-    seed: int = 0
-    activate: bool = Field(False, description="Make the new version the active one.")
     min_eval_accuracy: float | None = Field(None, ge=0, le=1, description="Activate only when "
                                             "held-out implicit-reward accuracy reaches this.")
 
     @model_validator(mode="after")
     def _check(self) -> "DPOJob":
-        if self.base_dir is not None and self.base_version is not None:
-            raise ValueError("set base_dir or base_version, not both")
         if self.min_eval_accuracy is not None and self.eval_fraction == 0:
             raise ValueError("min_eval_accuracy needs a held-out split (eval_fraction > 0)")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "reference_free"):
             raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' or "
                              f"'reference_free', not {self.loss_type!r}")
-        if not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError("adam_betas must both lie in [0, 1)")
         return self
 
     @property
@@ -299,52 +311,21 @@ class SFTStreamSource(StreamSource):
                        "and applied-id set: one per model lineage).")
 
 
-class SFTJob(_Spec):
+class SFTJob(_PolicyTrainingJob):
     """Supervised fine-tuning of a policy: token-mean NLL of each record's completion after its
     prompt (and prefix), the prompt never trained."""
 
     type: Literal["sft"] = "sft"
-    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
-    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
-                            "publish to.")
-    base_dir: str | None = Field(None, description="Start from this HF directory (a first "
-                                 "version); unset: from base_version of model_name.")
-    base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
-                                     "of model_name; unset (and no base_dir): its active version.")
     source: Annotated[Union[SFTStreamSource, JsonlSource], Field(discriminator="type")]
     min_examples: int = Field(1, ge=1, description="Fewer usable examples than this: the job "
                               "fails.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of payloads.")
     reset_token: str | None = Field(None, min_length=1, description="Backtracking SFT: a "
                                     "completion containing this token is trained from its last "
                                     "occurrence on; the text before it is context (a record's "
                                     "own prefix wins). Must be one token of the model.")
-    # optimisation
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (overrides epochs).")
-    batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
-    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-5, gt=0, le=1)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
-    lr_schedule: Literal["constant", "linear"] = Field("constant", description="After warm-up.")
     max_length: int = Field(512, ge=2, description="Tokens per row (prompt + prefix + "
                             "completion; longer rows keep their first max_length tokens; a "
                             "context that fills it drops the example).")
-    append_eos: bool = Field(True, description="End plain-text completions with the eos token.")
-    seed: int = 0
-    activate: bool = Field(False, description="Make the new version the active one.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "SFTJob":
-        if self.base_dir is not None and self.base_version is not None:
-            raise ValueError("set base_dir or base_version, not both")
-        if not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError("adam_betas must both lie in [0, 1)")
-        return self
 
 
 def check_sft_submit(spec: "SFTJob", client: redis.Redis) -> None:
