@@ -142,6 +142,36 @@ def _read_stream(consumer: StreamConsumer, reader: Reader, source, minimum: int,
     return entries, items
 
 
+def step_reporter(ctx: JobContext, job_type: str,
+                  **fixed: Any) -> Callable[[int, int, dict[str, Any]], None]:
+    """`on_step(step, total, metrics)` for a job's training function: the job record's progress
+    (stage "training", step, steps, the metrics and `fixed`) and the trainer's gauges."""
+
+    def on_step(step: int, total: int, m: dict[str, Any]) -> None:
+        ctx.progress(step / total, {"stage": "training", "step": step, "steps": total, **m, **fixed})
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                TRAIN_METRIC.labels(job_type, k).set(v)
+
+    return on_step
+
+
+def version_extra(spec, inputs: JobInputs, *, job_type: str, applied_ids: list[str],
+                  eval_ids: list[str], stream_entries: list[str], **more: Any) -> dict[str, Any]:
+    """The manifest's `extra` every job writes: what it was, what it started from, the payload
+    ids it applied / held out, the stream entries to ack (`finish`), the spec; plus `more`."""
+    return {
+        "job_type": job_type,
+        "source": spec.source.model_dump(),
+        "base": {"dir": str(inputs.base.model_dir), "version": inputs.base.version},
+        "applied_ids": applied_ids,
+        "eval_ids": eval_ids,
+        "stream_entries": stream_entries,
+        **more,
+        "spec": spec.model_dump(mode="json"),
+    }
+
+
 def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | Path, *, kind: str,
                        metrics: dict[str, Any], extra: dict[str, Any], job_type: str,
                        metric_keys: tuple[str, ...]) -> JobResult:

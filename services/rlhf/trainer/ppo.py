@@ -796,9 +796,8 @@ def run_ppo_job(spec: PPOJob, ctx: "JobContext") -> "JobResult":
     trained again; stream entries (stale ones included) are acked only after the version is
     committed, and the ids trained on join the group's applied set in the same transaction.
     """
-    from rlhf.serving.metrics import TRAIN_METRIC
     from rlhf.trainer.jobs import JobResult
-    from rlhf.trainer.pipeline import publish_and_finish, read_inputs
+    from rlhf.trainer.pipeline import publish_and_finish, read_inputs, step_reporter, version_extra
 
     got = read_inputs(spec, ctx, reader=SAMPLES, job_type=JOB_TYPE, metric_keys=METRIC_KEYS,
                       stage={"stage": "reading"})
@@ -825,34 +824,19 @@ def run_ppo_job(spec: PPOJob, ctx: "JobContext") -> "JobResult":
                         f"{len(fresh)} fresh, the job needs at least {spec.min_samples}")
     critic_dir = resolve_critic_dir(spec, got.store, got.registry, got.base)
 
-    def on_step(step: int, total: int, m: dict[str, float]) -> None:
-        ctx.progress(step / total, {"stage": "training", "steps": total, **m,
-                                    "samples": len(fresh), "dropped_stale": len(stale)})
-        for k, v in m.items():
-            if v is not None:
-                TRAIN_METRIC.labels(JOB_TYPE, k).set(v)
-
+    on_step = step_reporter(ctx, JOB_TYPE, samples=len(fresh), dropped_stale=len(stale))
     with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
         result = train_ppo(spec, fresh, base_dir=got.base.model_dir, out_dir=tmp, progress=on_step,
                            check=ctx.check, device=settings.device, threads=settings.torch_threads,
                            critic_dir=critic_dir, store=got.store)
         ctx.check()
         metrics = {**result.metrics, "dropped_stale": len(stale)}
-        extra = {
-            "job_type": JOB_TYPE,
-            "source": spec.source.model_dump(),
-            "base": {"dir": str(got.base.model_dir), "version": got.base.version},
-            "applied_ids": result.applied_ids,
-            "eval_ids": [],
-            "dropped_stale_ids": stale_ids,
-            "skipped_ids": result.skipped_ids,
+        extra = version_extra(
+            spec, got, job_type=JOB_TYPE, applied_ids=result.applied_ids, eval_ids=[],
             # every entry read is done with: trained on, stale, or unusable
-            "stream_entries": [e.entry_id for e in got.entries],
-            "critic": result.critic,
-            "ppo_state": result.state,
-            "curves_file": CURVES_FILE,
-            "spec": spec.model_dump(mode="json"),
-        }
+            stream_entries=[e.entry_id for e in got.entries],
+            dropped_stale_ids=stale_ids, skipped_ids=result.skipped_ids, critic=result.critic,
+            ppo_state=result.state, curves_file=CURVES_FILE)
         return publish_and_finish(spec, ctx, got, tmp, kind="policy", metrics=metrics, extra=extra,
                                   job_type=JOB_TYPE, metric_keys=METRIC_KEYS)
 

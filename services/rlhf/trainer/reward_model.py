@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
-from rlhf.serving.metrics import TRAIN_METRIC
 from rlhf.trainer.data import (
     DataError,
     Pair,
     unique_source_ids,
 )
 from rlhf.trainer.jobs import JobContext, JobResult, RewardModelJob
-from rlhf.trainer.pipeline import PREFERENCES, publish_and_finish, read_inputs
+from rlhf.trainer.pipeline import (PREFERENCES, publish_and_finish, read_inputs, step_reporter,
+                                   version_extra)
 
 if TYPE_CHECKING:
     import torch
@@ -259,24 +259,14 @@ def run_reward_model_job(spec: RewardModelJob, ctx: JobContext) -> JobResult:
     if isinstance(got, JobResult):
         return got
     settings = ctx.settings
-
-    def on_step(step: int, total: int, m: dict[str, float]) -> None:
-        ctx.progress(step / total, {"step": step, "steps": total, **m})
-        for k, v in m.items():
-            TRAIN_METRIC.labels(JOB_TYPE, k).set(v)
-
+    on_step = step_reporter(ctx, JOB_TYPE)
     with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
         metrics = train_reward_model(got.base.model_dir, got.train, got.evals, spec, out_dir=tmp,
                                      device=settings.device, on_step=on_step, check=ctx.check,
                                      threads=settings.torch_threads)
-        extra = {
-            "job_type": JOB_TYPE,
-            "source": spec.source.model_dump(),
-            "base": {"dir": str(got.base.model_dir), "version": got.base.version},
-            "applied_ids": unique_source_ids(got.train),
-            "eval_ids": unique_source_ids(got.evals),
-            "stream_entries": [e.entry_id for e in got.entries],
-            "spec": spec.model_dump(mode="json"),
-        }
+        extra = version_extra(spec, got, job_type=JOB_TYPE,
+                              applied_ids=unique_source_ids(got.train),
+                              eval_ids=unique_source_ids(got.evals),
+                              stream_entries=[e.entry_id for e in got.entries])
         return publish_and_finish(spec, ctx, got, tmp, kind="reward", metrics=metrics, extra=extra,
                                   job_type=JOB_TYPE, metric_keys=METRIC_KEYS)

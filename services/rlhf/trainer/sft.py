@@ -474,36 +474,24 @@ def run_sft_job(spec: SFTJob, ctx: "JobContext") -> "JobResult":
     Safe to run again after a crash: a version this job already published is finished off, not
     trained again; stream entries are acked only after the version is committed (entries whose
     examples no step reached stay pending for a later job, as DPO's do)."""
-    from rlhf.serving.metrics import TRAIN_METRIC
     from rlhf.trainer.jobs import JobResult
-    from rlhf.trainer.pipeline import publish_and_finish, read_inputs
+    from rlhf.trainer.pipeline import publish_and_finish, read_inputs, step_reporter, version_extra
 
     got = read_inputs(spec, ctx, reader=SFT_EXAMPLES, job_type=JOB_TYPE, metric_keys=METRIC_KEYS,
                       stage={"stage": "reading"})
     if isinstance(got, JobResult):
         return got
     settings = ctx.settings
-
-    def on_step(step: int, total: int, m: dict[str, float]) -> None:
-        ctx.progress(step / total, {"stage": "training", "step": step, "steps": total, **m})
-        for k, v in m.items():
-            TRAIN_METRIC.labels(JOB_TYPE, k).set(v)
-
+    on_step = step_reporter(ctx, JOB_TYPE)
     with tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
         result = train_sft(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
                            eval_records=got.evals, progress=on_step, check=ctx.check,
                            device=settings.device, threads=settings.torch_threads)
         ctx.check()
         unapplied = set(result.unapplied_ids)
-        extra = {
-            "job_type": JOB_TYPE,
-            "source": spec.source.model_dump(),
-            "base": {"dir": str(got.base.model_dir), "version": got.base.version},
-            "applied_ids": result.applied_ids,
-            "eval_ids": result.eval_ids,
-            "unapplied_ids": result.unapplied_ids,
-            "stream_entries": [e.entry_id for e in got.entries if e.id not in unapplied],
-            "spec": spec.model_dump(mode="json"),
-        }
+        extra = version_extra(
+            spec, got, job_type=JOB_TYPE, applied_ids=result.applied_ids,
+            eval_ids=result.eval_ids, unapplied_ids=result.unapplied_ids,
+            stream_entries=[e.entry_id for e in got.entries if e.id not in unapplied])
         return publish_and_finish(spec, ctx, got, tmp, kind="policy", metrics=result.metrics,
                                   extra=extra, job_type=JOB_TYPE, metric_keys=METRIC_KEYS)
