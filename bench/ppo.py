@@ -717,14 +717,10 @@ class ServicesPath:
                 **{k: m.get(k) for k in ("samples", "score_mean", "kl_ref", "critic")}}
 
     def close(self) -> None:
+        from rlhf.procs import stop_process
+
         for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         for svc in reversed(self.services):
             svc.stop()
         if self.policy_client is not None:

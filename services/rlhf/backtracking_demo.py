@@ -128,7 +128,7 @@ def _with_services(console, task, work: Path, reset: str, judge, *, seed: int, n
     from rlhf.models.probes import compute_probes
     from rlhf.models.store import ModelStore
     from rlhf.models.tokens import add_token_version
-    from rlhf.procs import free_port, start_service
+    from rlhf.procs import free_port, start_service, stop_process
     from rlhf.trainer import backtracking as bt
     from rlhf_client import PolicyClient, QueueProducer, TrainingClient
     from rlhf_client.redis_conn import connect
@@ -228,13 +228,7 @@ def _with_services(console, task, work: Path, reset: str, judge, *, seed: int, n
         return results, base_eval
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         for svc in services:
             svc.stop()
         redis_client.close()

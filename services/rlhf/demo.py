@@ -216,7 +216,7 @@ def _stack(console, workdir: Path, *, label: str, redis_url: str,
     from rlhf.models.probes import compute_probes
     from rlhf.models.store import ModelStore
     from rlhf.models.tiny import make_tiny_model
-    from rlhf.procs import free_port, start_service
+    from rlhf.procs import free_port, start_service, stop_process
     from rlhf_client.registry import Registry
 
     run_id = uuid.uuid4().hex[:6]
@@ -257,13 +257,7 @@ def _stack(console, workdir: Path, *, label: str, redis_url: str,
         yield st
     finally:
         for proc in reversed(list(st.procs.values())):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         for svc in reversed(st.services):
             svc.stop()
 
