@@ -168,35 +168,15 @@ class _FusedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N,)
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None
-        if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_b = (
-            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-            if need_b and bias is not None
-            else None
-        )
-        for s in range(0, hidden.shape[0], ctx.tile):
-            h = hidden[s : s + ctx.tile]
-            logits = _tile_logits(h, weight, bias)  # (n, V)
+        targets = ctx.saved_tensors[3]
+
+        def dlogits(s: int, logits: torch.Tensor) -> torch.Tensor:
             # d/dlogits of (logit[t] − logsumexp) = onehot(t) − softmax
             d = torch.softmax(logits, dim=-1).neg_()
             d.scatter_add_(-1, targets[s : s + ctx.tile, None], torch.ones_like(d[:, :1]))
-            d.mul_(grad_out[s : s + ctx.tile, None].float())  # (n, V)
-            if need_h:
-                grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
-            if need_w:
-                grad_w.addmm_(d.t(), h.float())  # (V, H)
-            if grad_b is not None:
-                grad_b += d.sum(0)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+            return d.mul_(grad_out[s : s + ctx.tile, None].float())  # (n, V)
+
+        return _tiled_backward(ctx, dlogits)
 
 
 class _FusedTokenLogprobsEntropy(torch.autograd.Function):
@@ -224,19 +204,11 @@ class _FusedTokenLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):  # (N,) or None each
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_ent is None:
             return None, None, None, None, None
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None
-        if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                  if need_b and bias is not None else None)
-        for s in range(0, hidden.shape[0], ctx.tile):
-            h = hidden[s : s + ctx.tile]
-            logits = _tile_logits(h, weight, bias)  # (n, V)
+        targets = ctx.saved_tensors[3]
+
+        def dlogits(s: int, logits: torch.Tensor) -> torch.Tensor:
             logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
             p = logp_all.exp()  # (n, V)
             d = torch.zeros_like(logits)  # (n, V) ∂loss/∂z
@@ -248,17 +220,37 @@ class _FusedTokenLogprobsEntropy(torch.autograd.Function):
                 g = grad_ent[s : s + ctx.tile, None].float()  # (n, 1)
                 entropy = -(p * logp_all).sum(-1, keepdim=True)  # (n, 1)
                 d -= p * (logp_all + entropy) * g
-            if need_h:
-                grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
-            if need_w:
-                grad_w.addmm_(d.t(), h.float())  # (V, H)
-            if grad_b is not None:
-                grad_b += d.sum(0)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            return d
+
+        return _tiled_backward(ctx, dlogits)
+
+
+def _tiled_backward(ctx, dlogits):
+    """The backward both fused heads share: for each tile of rows recompute its logits, take
+    `dlogits(start, logits)` (∂loss/∂z, (n, V) fp32) and push it through z = h·Wᵀ + b into the
+    gradients of hidden, weight and bias (those that need one); `(grad_h, grad_w, grad_b, None,
+    None)`."""
+    hidden, weight, bias, _ = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+              if need_w else None)
+    grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+              if need_b and bias is not None else None)
+    for s in range(0, hidden.shape[0], ctx.tile):
+        h = hidden[s : s + ctx.tile]
+        d = dlogits(s, _tile_logits(h, weight, bias))  # (n, V)
+        if need_h:
+            grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
+        if need_w:
+            grad_w.addmm_(d.t(), h.float())  # (V, H)
         if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+            grad_b += d.sum(0)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b, None, None
 
 
 def _tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
