@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lockstep import Gate  # bench/ is the script's directory: on sys.path
+
 LOSS_TOL = 1e-5
 
 
@@ -72,31 +74,6 @@ def make_pairs(n: int, seed: int, max_length: int) -> list[dict]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class Gate:
-    """Worker side of the lockstep: wait for "go" before a step, report its seconds after it.
-
-    The driver lets one side run one step at a time, alternating, so both sides see the same
-    background load and never compete with each other for the cores.
-    """
-
-    def __init__(self, cmd_fd: int, reply_fd: int):
-        self.cmd = os.fdopen(cmd_fd, "r")
-        self.reply = os.fdopen(reply_fd, "w", buffering=1)
-        self.t0 = 0.0
-        self.times: list[float] = []
-
-    def begin(self) -> None:
-        self.reply.write("ready\n")
-        if self.cmd.readline().strip() != "go":
-            raise SystemExit("driver went away")
-        self.t0 = time.perf_counter()
-
-    def end(self) -> None:
-        dt = time.perf_counter() - self.t0
-        self.times.append(dt)
-        self.reply.write(f"done {dt}\n")
 
 
 # ------------------------------------------------------------------------------------------------

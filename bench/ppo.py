@@ -84,6 +84,8 @@ import time
 import uuid
 from pathlib import Path
 
+from lockstep import Gate  # bench/ is the script's directory: on sys.path
+
 TARGET_LETTER = "e"
 TIMEOUT_S = 1800
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -149,27 +151,6 @@ class PeakRSS:
     def mb(self) -> float:
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return max(own, self.peak / 2**20)
-
-
-class Gate:
-    """Worker side of the lockstep: wait for "go" before an iteration, report its seconds after."""
-
-    def __init__(self, cmd_fd: int, reply_fd: int):
-        self.cmd = os.fdopen(cmd_fd, "r")
-        self.reply = os.fdopen(reply_fd, "w", buffering=1)
-        self.t0 = 0.0
-        self.times: list[float] = []
-
-    def begin(self) -> None:
-        self.reply.write("ready\n")
-        if self.cmd.readline().strip() != "go":
-            raise SystemExit("driver went away")
-        self.t0 = time.perf_counter()
-
-    def end(self) -> None:
-        dt = time.perf_counter() - self.t0
-        self.times.append(dt)
-        self.reply.write(f"done {dt}\n")
 
 
 def start_worker(a: argparse.Namespace, c: dict, side: str, work: Path):
