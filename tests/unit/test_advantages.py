@@ -37,38 +37,12 @@ from rlhf.trainer.advantages import (  # noqa: E402
     token_rewards,
 )
 
+from padded import F64, lengths, mask_of, rand, with_garbage  # noqa: E402
+
 B, T = 13, 9
-F64 = torch.float64
 
 
 # --- random inputs ---------------------------------------------------------------------------
-
-
-def lengths(rng: random.Random, b: int = B, t: int = T) -> list[int]:
-    """Row lengths: always one row of length 1 and one full row, the rest random in 1..t."""
-    ls = [1, t] + [rng.randint(1, t) for _ in range(b - 2)]
-    rng.shuffle(ls)
-    return ls
-
-
-def mask_of(ls: list[int], t: int = T, dtype=F64) -> torch.Tensor:
-    return torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in ls], dtype=dtype)
-
-
-def rand(rng: random.Random, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    n = math.prod(shape)
-    return torch.tensor([rng.gauss(0, scale) for _ in range(n)], dtype=F64).reshape(shape)
-
-
-def with_garbage(x: torch.Tensor, mask: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """A copy of x with every padded position replaced by garbage (huge, infinite or NaN)."""
-    junk = [1e30, -1e30, math.inf, -math.inf, math.nan, 123.0]
-    g = x.clone()
-    for i in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            if not mask[i, j]:
-                g[i, j] = rng.choice(junk)
-    return g
 
 
 def groups(rng: random.Random, b: int = B) -> list[int]:
@@ -208,9 +182,9 @@ def test_kl_estimators_keep_the_float_dtype():
 @pytest.mark.parametrize("beta", [0.0, 0.05, 0.7])
 def test_token_rewards_put_minus_beta_kl_on_tokens_and_the_score_on_the_last_one(beta):
     rng = random.Random(2)
-    ls = lengths(rng)
+    ls = lengths(rng, B, T)
     ls[3] = 0  # a row with no completion token gets nothing
-    mask = mask_of(ls)
+    mask = mask_of(ls, T)
     scores, kl = rand(rng, B, scale=2.0), rand(rng, B, T)
     got = token_rewards(scores, with_garbage(kl, mask, rng), mask, beta)
     assert_close(got, naive_token_rewards(scores.tolist(), kl.tolist(), ls, beta), 1e-12)
@@ -221,8 +195,8 @@ def test_token_rewards_put_minus_beta_kl_on_tokens_and_the_score_on_the_last_one
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
 def test_discounted_returns_match_the_naive_sum_and_ignore_padding(gamma):
     rng = random.Random(3)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     rewards = rand(rng, B, T)
     got = discounted_returns(with_garbage(rewards, mask, rng), mask, gamma)
     assert_close(got, naive_discounted(rewards.tolist(), ls, gamma))
@@ -242,8 +216,8 @@ def test_a_padded_position_inside_a_row_is_not_a_time_step():
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (1.0, 1.0)])
 def test_gae_matches_the_naive_recursion(gamma, lam):
     rng = random.Random(4)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     rewards, values = rand(rng, B, T), rand(rng, B, T)
     adv, ret = gae(rewards, values, mask, gamma, lam)
     want_adv, want_ret = naive_gae(rewards.tolist(), values.tolist(), ls, gamma, lam)
@@ -256,8 +230,8 @@ def test_gae_matches_the_naive_recursion(gamma, lam):
 
 def test_gae_values_and_rewards_at_padded_positions_change_nothing():
     rng = random.Random(5)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     rewards, values = rand(rng, B, T), rand(rng, B, T)
     clean = gae(rewards, values, mask, 0.99, 0.95)
     for _ in range(3):
@@ -270,8 +244,8 @@ def test_gae_values_and_rewards_at_padded_positions_change_nothing():
 
 def test_gae_in_float32_matches_float64():
     rng = random.Random(6)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     rewards, values = rand(rng, B, T), rand(rng, B, T)
     a64, r64 = gae(rewards, values, mask, 0.99, 0.95)
     a32, r32 = gae(rewards.float(), values.float(), mask.float(), 0.99, 0.95)
@@ -286,8 +260,8 @@ def test_gae_in_float32_matches_float64():
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_masked_mean_and_whiten_use_real_tokens_only_with_the_unbiased_variance(shift_mean):
     rng = random.Random(7)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     x = rand(rng, B, T, scale=3.0) + 1.5
     dirty = with_garbage(x, mask, rng)
     real = [float(x[i, t]) for i, n in enumerate(ls) for t in range(n)]
@@ -342,8 +316,8 @@ def test_grpo_group_with_equal_scores_and_rloo_closed_form():
 
 def estimator_inputs(seed: int, gamma: float, lam: float, whiten: bool):
     rng = random.Random(seed)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     scores = rand(rng, B, scale=2.0)
     kl_rewards = rand(rng, B, T, scale=0.05) * mask
     values = rand(rng, B, T)
@@ -386,8 +360,8 @@ def test_gae_returns_are_advantages_plus_values_before_whitening():
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_a_group_of_one_has_zero_advantage_under_grpo_and_rloo(kind):
     rng = random.Random(11)
-    ls = lengths(rng, 4)
-    mask = mask_of(ls)
+    ls = lengths(rng, 4, T)
+    mask = mask_of(ls, T)
     inputs = AdvantageInputs(scores=torch.tensor([5.0, 1.0, 2.0, -3.0], dtype=F64),
                              kl_rewards=torch.zeros(4, T, dtype=F64), mask=mask,
                              group=torch.tensor([0, 1, 1, 2]), whiten=False)

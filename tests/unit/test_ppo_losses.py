@@ -20,33 +20,9 @@ from rlhf.trainer.ppo_losses import (  # noqa: E402
     value_loss,
 )
 
+from padded import F64, lengths, mask_of, rand, with_garbage  # noqa: E402
+
 B, T = 11, 8
-F64 = torch.float64
-
-
-def lengths(rng: random.Random) -> list[int]:
-    ls = [1, T] + [rng.randint(1, T) for _ in range(B - 2)]
-    rng.shuffle(ls)
-    return ls
-
-
-def mask_of(ls: list[int]) -> torch.Tensor:
-    return torch.tensor([[1.0 if j < n else 0.0 for j in range(T)] for n in ls], dtype=F64)
-
-
-def rand(rng: random.Random, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    n = math.prod(shape)
-    return torch.tensor([rng.gauss(0, scale) for _ in range(n)], dtype=F64).reshape(shape)
-
-
-def with_garbage(x: torch.Tensor, mask: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    junk = [1e30, -1e30, math.inf, -math.inf, math.nan, 77.0]
-    g = x.clone()
-    for i in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            if not mask[i, j]:
-                g[i, j] = rng.choice(junk)
-    return g
 
 
 # --- naive references ------------------------------------------------------------------------
@@ -100,8 +76,8 @@ def one_token(rho: float, a: float, **kw) -> tuple[float, dict[str, float]]:
                                        ("seq-mean-token-sum-norm", 50.0)])
 def test_each_aggregation_matches_its_naive_reduction(mode, norm):
     rng = random.Random(1)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     loss = rand(rng, B, T)
     got = aggregate(with_garbage(loss, mask, rng), mask, mode, norm)
     assert got.shape == ()
@@ -187,8 +163,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[f"{c['mode']}-{c['dual']}" for c in CASES])
 def test_policy_loss_and_stats_match_the_naive_reference(case):
     rng = random.Random(2)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     old = rand(rng, B, T) - 2.0
     logp = old + rand(rng, B, T, scale=0.6)  # ratios from ~0.2 to ~5: every branch occurs
     adv = rand(rng, B, T)
@@ -220,8 +196,8 @@ def test_policy_loss_and_stats_match_the_naive_reference(case):
 
 def test_policy_loss_at_the_behaviour_policy_is_minus_the_mean_advantage():
     rng = random.Random(3)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     logp, adv = rand(rng, B, T), rand(rng, B, T)
     loss, stats = policy_loss(logp, logp.clone(), adv, mask)
     real = adv[mask.bool()]
@@ -231,7 +207,7 @@ def test_policy_loss_at_the_behaviour_policy_is_minus_the_mean_advantage():
 
 def test_policy_loss_keeps_float32_and_leaves_inputs_alone():
     rng = random.Random(4)
-    mask = mask_of(lengths(rng))
+    mask = mask_of(lengths(rng, B, T), T)
     logp, old, adv = (rand(rng, B, T).float() for _ in range(3))
     copies = [x.clone() for x in (logp, old, adv, mask)]
     loss, _ = policy_loss(logp, old, adv, mask, dual_clip=3.0)
@@ -247,8 +223,8 @@ def test_policy_loss_keeps_float32_and_leaves_inputs_alone():
 @pytest.mark.parametrize("mode", LOSS_AGGREGATION_NAMES)
 def test_value_loss_matches_the_naive_reference(clip_eps, mode):
     rng = random.Random(5)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     old, returns = rand(rng, B, T), rand(rng, B, T)
     values = old + rand(rng, B, T, scale=0.5)
     v = with_garbage(values, mask, rng).requires_grad_()
@@ -301,8 +277,8 @@ def test_entropy_from_logits_matches_a_naive_softmax_sum():
 
 def test_explained_variance_matches_its_formula():
     rng = random.Random(7)
-    ls = lengths(rng)
-    mask = mask_of(ls)
+    ls = lengths(rng, B, T)
+    mask = mask_of(ls, T)
     returns = rand(rng, B, T)
     values = returns + rand(rng, B, T, scale=0.5)
     got = explained_variance(with_garbage(values, mask, rng), with_garbage(returns, mask, rng),
