@@ -6,6 +6,7 @@ names inside them, and delete every key they made.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,27 @@ def wait_for(cond: Callable[[], object], *, timeout: float, what: str, interval:
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """`rows` (dicts) as a JSONL file at `path`."""
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return path
+
+
+def publish_active(client: redis.Redis, store_dir, name: str, src_dir, *, kind: str = "policy",
+                   probes=None):
+    """`src_dir` published as `name`'s next version in the store, registered and made the
+    active version; its manifest."""
+    from rlhf_client.registry import Registry
+
+    from rlhf.models.store import ModelStore
+
+    m = ModelStore(store_dir).publish(name, src_dir, kind=kind, probes=probes)
+    reg = Registry(client)
+    reg.register(name, m.version, m.created)
+    reg.activate(name, m.version)
+    return m
 
 
 def synthetic_messages(n: int, *, seed: int, prefix: str):

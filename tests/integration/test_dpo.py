@@ -14,7 +14,6 @@ ReferenceService on loopback, run in-process (no Celery).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -23,7 +22,8 @@ import shutil
 import pytest
 import redis
 from rlhf_client.redis_conn import connect
-from trainer_helpers import REDIS_URL, names_fixture, r, settings, unique  # noqa: F401 - fixtures
+from trainer_helpers import (  # noqa: F401 - r, settings: fixtures
+    REDIS_URL, names_fixture, publish_active, r, settings, unique, write_jsonl)
 
 torch = pytest.importorskip("torch")
 
@@ -65,23 +65,13 @@ def task_pairs(n: int, *, seed: int, prefix: str) -> list[dict]:
     return out
 
 
-def write_jsonl(path, pairs):
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return path
-
-
 names = names_fixture("dpo", "test:dpo-prefs")
 
 
 @pytest.fixture
 def base(r, names, settings, tiny_policy_dir):
     """The tiny policy published as the model's first, active version."""
-    store = ModelStore(settings.store_dir)
-    m = store.publish(names["model"], tiny_policy_dir, kind="policy")
-    reg = Registry(r)
-    reg.register(names["model"], m.version, m.created)
-    reg.activate(names["model"], m.version)
-    return m.version
+    return publish_active(r, settings.store_dir, names["model"], tiny_policy_dir).version
 
 
 def run(names, settings, **spec):

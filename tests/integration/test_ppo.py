@@ -39,6 +39,7 @@ from trainer_helpers import (  # noqa: F401 - r, settings: fixtures
     forget_job,
     forget_model,
     names_fixture,
+    publish_active,
     r,
     settings,
     unique,
@@ -474,9 +475,7 @@ def test_a_grpo_job_from_jsonl_drops_stale_samples_and_fails_on_stale_only_data(
     from rlhf.trainer.ppo import run_ppo_job
 
     store = ModelStore(settings.store_dir)
-    m = store.publish(names["model"], tiny_policy_dir, kind="policy")
-    Registry(r).register(names["model"], m.version, m.created)
-    Registry(r).activate(names["model"], m.version)
+    m = publish_active(r, settings.store_dir, names["model"], tiny_policy_dir)
     fresh = rollout(store.path(names["model"], m.version), m.version, reference, seed=31,
                     tag="jl", prompts=PROMPTS[:2])
     stale = [SampleRecord(**{**x.__dict__, "id": x.id + ":old", "policy_version": "v0000"})

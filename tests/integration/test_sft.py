@@ -14,12 +14,12 @@ on a real Celery worker).
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 from rlhf_client.redis_conn import connect
-from trainer_helpers import REDIS_URL, names_fixture, r, settings, unique  # noqa: F401 - fixtures
+from trainer_helpers import (  # noqa: F401 - r, settings: fixtures
+    REDIS_URL, names_fixture, publish_active, r, settings, unique, write_jsonl)
 
 torch = pytest.importorskip("torch")
 
@@ -57,22 +57,13 @@ def task_examples(n: int, *, seed: int, prefix: str) -> list[dict]:
             for i, e in enumerate(task.benign)]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
-    return path
-
-
 names = names_fixture("sft", "test:sft-prefs")
 
 
 @pytest.fixture
 def base(r, names, settings, tiny_policy_dir):
-    store = ModelStore(settings.store_dir)
-    m = store.publish(names["model"], tiny_policy_dir, kind="policy")
-    reg = Registry(r)
-    reg.register(names["model"], m.version, m.created)
-    reg.activate(names["model"], m.version)
-    return m.version
+    """The tiny policy published as the model's first, active version."""
+    return publish_active(r, settings.store_dir, names["model"], tiny_policy_dir).version
 
 
 def run(names, settings, **kw):
