@@ -117,6 +117,40 @@ def push_at_once(client: redis.Redis, messages, *, stream: str) -> list[str]:
     return [m.id for m in messages]
 
 
+#: Workers in tests: a short visibility timeout and job lease (recovery within seconds), fast
+#: queue metrics, a one-second soft shutdown, no reaper (a test triggers recovery itself).
+FAST_WORKER_ENV = {
+    "RLHF_CELERY_VISIBILITY_TIMEOUT_S": "4",
+    "RLHF_JOB_LEASE_S": "2",
+    "RLHF_QUEUE_CLAIM_IDLE_MS": "2000",
+    "RLHF_WORKER_SOFT_SHUTDOWN_S": "1",
+    "RLHF_QUEUE_METRICS_INTERVAL_S": "0.5",
+    "RLHF_JOB_REAP_INTERVAL_S": "0",
+}
+
+
+def celery_keys(client: redis.Redis) -> None:
+    """Delete Celery's and kombu's keys (queues, unacked messages, bindings, pidboxes)."""
+    delete_matching(client, "train.*", "unacked*", "_kombu.*", "*pidbox*")
+
+
+def worker_starter(workers: list, tmp_path: Path, *, store: Path, redis_url: str | None = None,
+                   env: dict[str, str] | None = None) -> Callable[..., "Worker"]:
+    """`start(name, **env_overrides)`: a ready `rlhf worker` named `<name>@test` (log
+    `<tmp_path>/<name>.log`, job temp dirs under `<tmp_path>/jobs-tmp`, `env` or FAST_WORKER_ENV),
+    appended to `workers` for the caller to stop."""
+    base_env = FAST_WORKER_ENV if env is None else env
+
+    def start(name: str, **env_overrides: str) -> "Worker":
+        w = Worker(tmp_path / f"{name}.log", redis_url=redis_url or WORKER_REDIS_URL, store=store,
+                   name=f"{name}@test", env={**base_env, "RLHF_JOB_TMP_DIR":
+                                             str(tmp_path / "jobs-tmp"), **env_overrides})
+        workers.append(w)
+        return w.wait_ready()
+
+    return start
+
+
 class Worker:
     """`rlhf worker` (prefork, one child) in its own process group, output to a log file."""
 

@@ -29,21 +29,22 @@ import os
 import signal
 
 import pytest
-import redis
 from rlhf_client.redis_conn import connect
 from trainer_helpers import (  # noqa: F401 - r, settings: fixtures
     REDIS_URL,
     WORKER_REDIS_URL,
-    Worker,
+    celery_keys,
     delete_matching,
     forget_job,
     forget_model,
     names_fixture,
     publish_active,
+    push_at_once,
     r,
     settings,
     unique,
     wait_for,
+    worker_starter,
 )
 
 torch = pytest.importorskip("torch")
@@ -558,19 +559,7 @@ def test_a_ppo_spec_is_checked_against_its_data_and_critic_at_submit(r, names, t
 # the job on a worker
 # ------------------------------------------------------------------------------------------------
 
-WORKER_ENV = {  # as test_worker.py: short visibility timeout and lease, no reaper
-    "RLHF_CELERY_VISIBILITY_TIMEOUT_S": "4",
-    "RLHF_JOB_LEASE_S": "2",
-    "RLHF_QUEUE_CLAIM_IDLE_MS": "2000",
-    "RLHF_WORKER_SOFT_SHUTDOWN_S": "1",
-    "RLHF_QUEUE_METRICS_INTERVAL_S": "0.5",
-    "RLHF_JOB_REAP_INTERVAL_S": "0",
-}
 JOB = dict(ppo_epochs=1, minibatch_size=8, learning_rate=1e-3, value_learning_rate=1e-3)
-
-
-def celery_keys(r: redis.Redis) -> None:
-    delete_matching(r, "train.*", "unacked*", "_kombu.*", "*pidbox*")
 
 
 @pytest.fixture
@@ -588,14 +577,7 @@ def wenv(tmp_path, tiny_policy_dir):
     ctx = {"r": r, "store": store, "model": model, "base": m.version, "tc": tc, "workers": [],
            "stream": unique("test:samples"), "tmp": tmp_path}
 
-    def start(name: str) -> Worker:
-        w = Worker(tmp_path / f"{name}.log", redis_url=WORKER_REDIS_URL, store=store.root,
-                   name=f"{name}@test",
-                   env={**WORKER_ENV, "RLHF_JOB_TMP_DIR": str(tmp_path / "jobs-tmp")})
-        ctx["workers"].append(w)
-        return w.wait_ready()
-
-    ctx["start"] = start
+    ctx["start"] = worker_starter(ctx["workers"], tmp_path, store=store.root)
     yield ctx
     for w in ctx["workers"]:
         w.stop()
@@ -620,16 +602,6 @@ def message(rec: SampleRecord, model: str) -> samples_pb2.ScoredSample:
                        else common_pb2.FINISH_REASON_LENGTH))
 
 
-def push_at_once(r: redis.Redis, stream: str, messages) -> list[str]:
-    from rlhf_client.queues import encode_entry
-
-    pipe = r.pipeline(transaction=True)
-    for m in messages:
-        pipe.xadd(stream, encode_entry(m))
-    pipe.execute()
-    return [m.id for m in messages]
-
-
 def base_samples(wenv, reference, *, seed: int, tag: str, prompts=PROMPTS[:2]) -> list:
     base_dir = wenv["store"].path(wenv["model"], wenv["base"])
     return rollout(base_dir, wenv["base"], reference, seed=seed, tag=tag, prompts=prompts)
@@ -642,8 +614,8 @@ def test_a_ppo_job_on_the_worker_trains_once_on_fresh_samples_and_drops_stale_on
     stale = [SampleRecord(**{**rec.__dict__, "id": rec.id + ":old", "policy_version": "v0000"})
              for rec in base_samples(wenv, reference, seed=12, tag=unique("s"),
                                      prompts=PROMPTS[2:3])[:4]]  # not the base, nor its parent
-    pushed = push_at_once(r, stream, [message(x, model) for x in fresh + stale])
-    push_at_once(r, stream, [message(fresh[0], model)])  # a producer's retry: the same id again
+    pushed = push_at_once(r, [message(x, model) for x in fresh + stale], stream=stream)
+    push_at_once(r, [message(fresh[0], model)], stream=stream)  # a producer retries: same id
     wenv["start"]("w1")
     job_id = wenv["tc"].submit_ppo(model_name=model, source={"type": "stream", "stream": stream},
                                    activate=True, **JOB)
@@ -668,7 +640,7 @@ def test_a_ppo_job_on_the_worker_trains_once_on_fresh_samples_and_drops_stale_on
     assert set(pushed) - {x.id for x in fresh} == {x.id for x in stale}
 
     # The same ids pushed again: acked as applied, never trained on; the job has nothing to do.
-    push_at_once(r, stream, [message(x, model) for x in fresh[:3]])
+    push_at_once(r, [message(x, model) for x in fresh[:3]], stream=stream)
     job2 = wenv["tc"].submit_ppo(model_name=model, source={"type": "stream", "stream": stream},
                                  **JOB)
     rec2 = wenv["tc"].wait(job2, timeout=240, poll_s=0.2, raise_on_failure=False)
@@ -678,7 +650,7 @@ def test_a_ppo_job_on_the_worker_trains_once_on_fresh_samples_and_drops_stale_on
     # The next job starts from v0002 and goes on with its critic; v0001's samples are one
     # version behind: fresh under max_staleness=1.
     more = base_samples(wenv, reference, seed=13, tag=unique("m"))
-    push_at_once(r, stream, [message(x, model) for x in more])
+    push_at_once(r, [message(x, model) for x in more], stream=stream)
     job3 = wenv["tc"].submit_ppo(model_name=model, source={"type": "stream", "stream": stream},
                                  **JOB)
     rec3 = wenv["tc"].wait(job3, timeout=240, poll_s=0.2)
@@ -703,7 +675,7 @@ def test_a_worker_sigkilled_mid_ppo_job_loses_nothing_and_applies_nothing_twice(
     wait_until_reading({"r": r, "stream": stream}, job_id, group="ppo")
     (child,) = a.pool_children()
     os.kill(child, signal.SIGSTOP)
-    pushed = push_at_once(r, stream, [message(x, model) for x in samples])
+    pushed = push_at_once(r, [message(x, model) for x in samples], stream=stream)
     wait_for(lambda: r.xpending(stream, "ppo")["pending"] == 16, timeout=30,
              what="the samples to be delivered to the job's read")
     a.kill()

@@ -35,6 +35,7 @@ from rlhf_client import QueueProducer, Registry, TrainingClient
 from trainer_helpers import (
     WORKER_REDIS_URL,
     Worker,
+    celery_keys,
     delete_matching,
     forget_job,
     forget_model,
@@ -42,6 +43,7 @@ from trainer_helpers import (
     synthetic_messages,
     unique,
     wait_for,
+    worker_starter,
 )
 
 from rlhf.models.store import ModelStore
@@ -50,19 +52,7 @@ from rlhf.trainer.queues import applied_key
 
 TASK = "rlhf.train_reward_model"
 QUEUE = QUEUE_FOR_TASK[TASK]
-WORKER_ENV = {
-    "RLHF_CELERY_VISIBILITY_TIMEOUT_S": "4",
-    "RLHF_JOB_LEASE_S": "2",
-    "RLHF_QUEUE_CLAIM_IDLE_MS": "2000",
-    "RLHF_WORKER_SOFT_SHUTDOWN_S": "1",
-    "RLHF_QUEUE_METRICS_INTERVAL_S": "0.5",
-    "RLHF_JOB_REAP_INTERVAL_S": "0",
-}
 TRAIN = dict(learning_rate=1e-3, batch_size=8, max_length=64)
-
-
-def celery_keys(r: redis.Redis) -> None:
-    delete_matching(r, "train.*", "unacked*", "_kombu.*", "*pidbox*")
 
 
 @pytest.fixture
@@ -83,14 +73,7 @@ def env(tmp_path, tiny_reward_dir):
         "jobs_tmp": tmp_path / "jobs-tmp",
     }
 
-    def start(name: str, **env_overrides: str) -> Worker:
-        w = Worker(tmp_path / f"{name}.log", redis_url=WORKER_REDIS_URL, store=ctx["store"],
-                   name=f"{name}@test", env={**WORKER_ENV, "RLHF_JOB_TMP_DIR": str(ctx["jobs_tmp"]),
-                                             **env_overrides})
-        ctx["workers"].append(w)
-        return w.wait_ready()
-
-    ctx["start"] = start
+    ctx["start"] = worker_starter(ctx["workers"], tmp_path, store=ctx["store"])
     yield ctx
     for w in ctx["workers"]:
         w.stop()
