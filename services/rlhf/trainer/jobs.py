@@ -176,9 +176,9 @@ class ReferenceSpec(_Spec):
         return self
 
 
-class _PolicyTrainingJob(_Spec):
-    """What every job that trains a policy on a fixed batch of items (DPO's pairs, SFT's
-    examples) is told: where it starts and publishes, and how it optimises."""
+class _PolicyJob(_Spec):
+    """What every job that trains a policy is told first: its id, the model it publishes to and
+    where it starts (a directory, a version, or the active version)."""
 
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
     model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
@@ -187,6 +187,12 @@ class _PolicyTrainingJob(_Spec):
                                  "version); unset: from base_version of model_name.")
     base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
                                      "of model_name; unset (and no base_dir): its active version.")
+
+
+class _PolicyTrainingJob(_PolicyJob):
+    """What every job that trains a policy on a fixed batch of items (DPO's pairs, SFT's
+    examples) is told beyond that: how it optimises."""
+
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share of payloads.")
     # optimisation
     epochs: int = Field(1, ge=1, le=1000)
@@ -390,7 +396,7 @@ class CriticSpec(_Spec):
         return self.init_dir is not None or self.init_model is not None
 
 
-class PPOJob(_Spec):
+class PPOJob(_PolicyJob):
     """Policy optimisation on scored samples: PPO with a critic (`gae`) or a critic-free
     estimator over the n samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
@@ -400,13 +406,6 @@ class PPOJob(_Spec):
     minibatches. The math is in rlhf.trainer.advantages and rlhf.trainer.ppo_losses."""
 
     type: Literal["ppo"] = "ppo"
-    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_NAME)
-    model_name: str = Field(pattern=_NAME, description="Policy model (store + registry) to "
-                            "publish to.")
-    base_dir: str | None = Field(None, description="Start from this HF directory (a first "
-                                 "version); unset: from base_version of model_name.")
-    base_version: str | None = Field(None, pattern=_NAME, description="Start from this version "
-                                     "of model_name; unset (and no base_dir): its active version.")
     source: Annotated[Union[SamplesStreamSource, JsonlSource], Field(discriminator="type")]
     min_samples: int = Field(1, ge=1, description="Fewer usable (fresh) samples than this: the "
                              "job fails.")
