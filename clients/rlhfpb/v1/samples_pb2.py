@@ -26,21 +26,29 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhfpb.v1 import common_pb2 as rlhfpb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfpb/v1/samples.proto\x12\trlhfpb.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16rlhfpb/v1/common.proto\"\xc2\x03\n\x0cScoredSample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x63ompletion_ids\x18\x03 \x03(\x05\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x04 \x03(\x02\x12\x1a\n\x12reference_logprobs\x18\x05 \x03(\x02\x12\x0e\n\x06reward\x18\x06 \x01(\x02\x12#\n\x06policy\x18\x07 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_id\x18\t \x01(\t\x12.\n\rfinish_reason\x18\n \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12)\n\x0creward_model\x18\x0b \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12&\n\treference\x18\x0c \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x0e\n\x06prompt\x18\r \x01(\t\x12\x12\n\ncompletion\x18\x0e \x01(\t\x12\x14\n\x0csample_index\x18\x0f \x01(\r\x12\x11\n\tprompt_id\x18\x10 \x01(\t\"h\n\rRolloutPrompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x8b\x01\n\x0ePreferencePair\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\t\x12\x10\n\x08rejected\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\"\x84\x01\n\x07Ranking\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tresponses\x18\x03 \x03(\t\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\"\x89\x01\n\nSFTExample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06prefix\x18\x06 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfpb/v1/samples.proto\x12\trlhfpb.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16rlhfpb/v1/common.proto\"\xc2\x03\n\x0cScoredSample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x63ompletion_ids\x18\x03 \x03(\x05\x12\x1a\n\x12\x62\x65haviour_logprobs\x18\x04 \x03(\x02\x12\x1a\n\x12reference_logprobs\x18\x05 \x03(\x02\x12\x0e\n\x06reward\x18\x06 \x01(\x02\x12#\n\x06policy\x18\x07 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_id\x18\t \x01(\t\x12.\n\rfinish_reason\x18\n \x01(\x0e\x32\x17.rlhfpb.v1.FinishReason\x12)\n\x0creward_model\x18\x0b \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12&\n\treference\x18\x0c \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x0e\n\x06prompt\x18\r \x01(\t\x12\x12\n\ncompletion\x18\x0e \x01(\t\x12\x14\n\x0csample_index\x18\x0f \x01(\r\x12\x11\n\tprompt_id\x18\x10 \x01(\t\"h\n\rRolloutPrompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xce\x03\n\x0ePreferencePair\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\t\x12\x10\n\x08rejected\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\x12)\n\x0c\x63hosen_model\x18\x07 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12+\n\x0erejected_model\x18\x08 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x19\n\x0c\x63hosen_score\x18\t \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0erejected_score\x18\n \x01(\x02H\x01\x88\x01\x01\x12\x0f\n\x07\x62uilder\x18\x0b \x01(\t\x12\x10\n\x08labeller\x18\x0c \x01(\t\x12\x39\n\x08metadata\x18\r \x03(\x0b\x32\'.rlhfpb.v1.PreferencePair.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0f\n\r_chosen_scoreB\x11\n\x0f_rejected_score\"\xa9\x02\n\x07Ranking\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tresponses\x18\x03 \x03(\t\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x06 \x01(\t\x12,\n\x0fresponse_models\x18\x07 \x03(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x10\n\x08labeller\x18\x08 \x01(\t\x12\x32\n\x08metadata\x18\t \x03(\x0b\x32 .rlhfpb.v1.Ranking.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\nSFTExample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06prefix\x18\x06 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfpb.v1.samples_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PREFERENCEPAIR_METADATAENTRY']._loaded_options = None
+  _globals['_PREFERENCEPAIR_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_RANKING_METADATAENTRY']._loaded_options = None
+  _globals['_RANKING_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SCOREDSAMPLE']._serialized_start=96
   _globals['_SCOREDSAMPLE']._serialized_end=546
   _globals['_ROLLOUTPROMPT']._serialized_start=548
   _globals['_ROLLOUTPROMPT']._serialized_end=652
   _globals['_PREFERENCEPAIR']._serialized_start=655
-  _globals['_PREFERENCEPAIR']._serialized_end=794
-  _globals['_RANKING']._serialized_start=797
-  _globals['_RANKING']._serialized_end=929
-  _globals['_SFTEXAMPLE']._serialized_start=932
-  _globals['_SFTEXAMPLE']._serialized_end=1069
+  _globals['_PREFERENCEPAIR']._serialized_end=1117
+  _globals['_PREFERENCEPAIR_METADATAENTRY']._serialized_start=1034
+  _globals['_PREFERENCEPAIR_METADATAENTRY']._serialized_end=1081
+  _globals['_RANKING']._serialized_start=1120
+  _globals['_RANKING']._serialized_end=1417
+  _globals['_RANKING_METADATAENTRY']._serialized_start=1034
+  _globals['_RANKING_METADATAENTRY']._serialized_end=1081
+  _globals['_SFTEXAMPLE']._serialized_start=1420
+  _globals['_SFTEXAMPLE']._serialized_end=1557
 # @@protoc_insertion_point(module_scope)

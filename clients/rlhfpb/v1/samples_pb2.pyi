@@ -59,36 +59,70 @@ class RolloutPrompt(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class PreferencePair(_message.Message):
-    __slots__ = ("id", "prompt", "chosen", "rejected", "created", "source")
+    __slots__ = ("id", "prompt", "chosen", "rejected", "created", "source", "chosen_model", "rejected_model", "chosen_score", "rejected_score", "builder", "labeller", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BUILDER_FIELD_NUMBER: _ClassVar[int]
+    LABELLER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     chosen: str
     rejected: str
     created: _timestamp_pb2.Timestamp
     source: str
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    chosen_model: _common_pb2.ModelRef
+    rejected_model: _common_pb2.ModelRef
+    chosen_score: float
+    rejected_score: float
+    builder: str
+    labeller: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., chosen_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., rejected_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., chosen_score: _Optional[float] = ..., rejected_score: _Optional[float] = ..., builder: _Optional[str] = ..., labeller: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Ranking(_message.Message):
-    __slots__ = ("id", "prompt", "responses", "ranks", "created", "source")
+    __slots__ = ("id", "prompt", "responses", "ranks", "created", "source", "response_models", "labeller", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_MODELS_FIELD_NUMBER: _ClassVar[int]
+    LABELLER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     responses: _containers.RepeatedScalarFieldContainer[str]
     ranks: _containers.RepeatedScalarFieldContainer[int]
     created: _timestamp_pb2.Timestamp
     source: str
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    response_models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelRef]
+    labeller: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., response_models: _Optional[_Iterable[_Union[_common_pb2.ModelRef, _Mapping]]] = ..., labeller: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SFTExample(_message.Message):
     __slots__ = ("id", "prompt", "completion", "created", "source", "prefix")
