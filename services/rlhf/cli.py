@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.trainer.backtracking import add_backtracking_parser
 
     add_backtracking_parser(sub)
+    from rlhf.labels.cli import add_labels_parser
+
+    add_labels_parser(sub)  # rlhf labels leaderboard | agreement | annotators
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
@@ -331,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                 "backtracking": _backtracking}
     if args.command in ("worker", "worker-probe", "jobs", "models"):
         return _trainer(args)
+    if args.command == "labels":
+        from rlhf.labels.cli import cmd_labels
+
+        return cmd_labels(args)
     return handlers[args.command](args)
 
 
