@@ -29,6 +29,7 @@ def _params_pb(p: SamplingParams) -> policy_pb2.SamplingParams:
         stop_token_ids=list(p.stop_token_ids),
         return_logprobs=p.return_logprobs,
         reset_token=p.reset_token,
+        return_prompt_logprobs=p.return_prompt_logprobs,
     )
     for name in ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "seed"):
         value = getattr(p, name)
@@ -75,6 +76,7 @@ def _completion(c: policy_pb2.Completion) -> Completion:
         prompt_token_ids=list(c.prompt_token_ids),
         trajectory_token_ids=list(c.trajectory_token_ids if reset else c.token_ids),
         trajectory_logprobs=list(c.trajectory_logprobs if reset else c.logprobs),
+        prompt_logprobs=list(c.prompt_logprobs),
     )
 
 

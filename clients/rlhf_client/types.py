@@ -44,6 +44,8 @@ class SamplingParams:
     seed: int | None = None
     return_logprobs: bool = False
     reset_token: str = ""
+    # log-probs of the prompt tokens (Completion.prompt_logprobs); `generate` only, not streams
+    return_prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,11 @@ class Completion:
     """One sample. `token_ids` / `text` are the kept part (after the last reset token) and
     `logprobs` their log-probs in the kept context (prompt + kept tokens before each). The
     trajectory is everything generated (reset tokens and discarded text included) with each
-    token's log-prob as sampled: what RL trains on. Without a reset both views are the same."""
+    token's log-prob as sampled: what RL trains on. Without a reset both views are the same.
+
+    `prompt_logprobs` (asked with `SamplingParams.return_prompt_logprobs`): log π(prompt[i + 1] |
+    prompt[:i + 1]) for each prompt token after the first, len(prompt_token_ids) − 1 values, the
+    same for every sample of a prompt; empty unless asked."""
 
     prompt_index: int
     sample_index: int
@@ -62,6 +68,7 @@ class Completion:
     prompt_token_ids: list[int]
     trajectory_token_ids: list[int] = field(default_factory=list)
     trajectory_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
 
     @property
     def reset(self) -> bool:

@@ -70,6 +70,34 @@ def test_logprobs_equal_teacher_forced_forward(client, reference_model, params):
         assert max(abs(a - b) for a, b in zip(c.logprobs, want)) < 1e-4
 
 
+def test_prompt_logprobs_equal_teacher_forced_forward_once_per_prompt(client, policy_server, reference_model):
+    """return_prompt_logprobs: log π(prompt[i+1] | prompt[:i+1]) of every prompt token after the
+    first, shared by the n samples of a prompt and computed once for them; the samples drawn are
+    the same as without it, and a streamed request ignores it."""
+    engine = policy_server.app.model
+    plain = SamplingParams(temperature=1.0, max_new_tokens=6, seed=21)
+    asked = SamplingParams(temperature=1.0, max_new_tokens=6, seed=21, return_prompt_logprobs=True)
+    before = engine.stats()["prompt_passes"]
+    res = client.generate(PROMPTS + ["Hello"], asked, n=3)
+    assert engine.stats()["prompt_passes"] - before == len(PROMPTS) + 1  # not once per sample
+    for c in res.completions:
+        ids = c.prompt_token_ids
+        assert len(c.prompt_logprobs) == len(ids) - 1
+        if len(ids) > 1:
+            want = teacher_forced_logprobs(reference_model, ids[:1], ids[1:])
+            assert max(abs(a - b) for a, b in zip(c.prompt_logprobs, want)) < 1e-4
+    assert res.completions[-1].prompt_token_ids == [res.completions[-1].prompt_token_ids[0]]  # one token
+    by_prompt = {}
+    for c in res.completions:
+        assert by_prompt.setdefault(c.prompt_index, c.prompt_logprobs) == c.prompt_logprobs
+    without = client.generate(PROMPTS + ["Hello"], plain, n=3).completions
+    assert [c.token_ids for c in without] == [c.token_ids for c in res.completions]
+    assert all(c.prompt_logprobs == [] for c in without)
+    streamed = assemble_stream(client.generate_stream(PROMPTS, asked, n=3))
+    assert [c.token_ids for c in streamed] == [c.token_ids for c in res.completions[: len(streamed)]]
+    assert all(c.prompt_logprobs == [] for c in streamed)
+
+
 def test_greedy_is_deterministic(client):
     a = client.generate(PROMPTS, GREEDY)
     b = client.generate(list(reversed(PROMPTS)), GREEDY)

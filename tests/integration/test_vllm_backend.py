@@ -253,6 +253,40 @@ def test_sampled_logprobs_equal_teacher_forced_forward(vllm, reference_model, pa
         assert _max_diff(c.logprobs, ref) < TOL, c
 
 
+def test_prompt_logprobs_equal_teacher_forced_forward_and_the_transformers_backend(vllm, hf, reference_model):
+    """return_prompt_logprobs on vLLM (prompt_logprobs=0, asked of one sample per prompt):
+    every sample of a prompt carries the teacher-forced values, as the transformers backend
+    does; the samples drawn are those drawn without it; not asked, none."""
+    prompts = PROMPTS + ["Hello"]  # one token: no values
+    asked = SamplingParams(temperature=1.0, max_new_tokens=6, seed=21, return_prompt_logprobs=True)
+    got = vllm.generate(prompts, asked, n=2).completions
+    want = hf.generate(prompts, asked, n=2).completions
+    assert len(got) == 2 * len(prompts)
+    for g, w in zip(got, want):
+        ids = g.prompt_token_ids
+        assert len(g.prompt_logprobs) == len(ids) - 1 and ids == w.prompt_token_ids
+        if len(ids) > 1:
+            assert _max_diff(g.prompt_logprobs, teacher_forced_logprobs(reference_model, ids[:1], ids[1:])) < TOL
+        assert _max_diff(g.prompt_logprobs, w.prompt_logprobs) < TOL
+    assert got[-1].prompt_logprobs == [] and len(got[-1].prompt_token_ids) == 1
+    plain = vllm.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, seed=21), n=2).completions
+    assert [c.token_ids for c in plain] == [c.token_ids for c in got]
+    assert all(c.prompt_logprobs == [] for c in plain)
+
+
+def test_the_ai_judge_reads_the_same_preferences_from_either_backend(vllm, hf):
+    """The judge needs nothing but prompt log-probs, so a vLLM-served judge equals a
+    transformers-served one on the same checkpoint (random weights: the numbers, not a verdict)."""
+    from rlhf.trainer.judge import AIJudge, JudgeTemplate
+
+    template = JudgeTemplate("Q: {prompt}\nA: {response_a}\nB: {response_b}\nBetter:", max_response_chars=80)
+    triples = [(p, PROMPTS[(k + 1) % 8], PROMPTS[(k + 3) % 8]) for k, p in enumerate(PROMPTS[:4])]
+    got = AIJudge(vllm, template).order_probabilities(triples)
+    want = AIJudge(hf, template).order_probabilities(triples)
+    for (g_ab, g_ba), (w_ab, w_ba) in zip(got, want):
+        assert abs(g_ab - w_ab) < TOL and abs(g_ba - w_ba) < TOL
+
+
 def test_top_k_one_is_greedy(vllm):
     greedy = vllm.generate(PROMPTS, GREEDY)
     top1 = vllm.generate(PROMPTS, SamplingParams(temperature=1.0, top_k=1, max_new_tokens=32, seed=3,

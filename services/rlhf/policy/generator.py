@@ -16,7 +16,7 @@ the kept text, by the engines (which stop there) and here (which cut there).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from rlhf.config import Settings
@@ -92,6 +92,7 @@ class GenerateInput:
     seed: int | None = None
     return_logprobs: bool = False
     reset_token: str = ""
+    return_prompt_logprobs: bool = False
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -234,6 +235,7 @@ class Generator:
             seed=req.seed,
             return_logprobs=req.return_logprobs,
             reset_token_id=reset_id,
+            return_prompt_logprobs=req.return_prompt_logprobs,
         )
 
     # ---------------------------------------------------------------- running
@@ -241,11 +243,18 @@ class Generator:
         """Every completion, ordered by (prompt_index, sample_index), and the producing version."""
         specs, config = self.prepare(req)
         states = {(sp.prompt_index, sp.sample_index): _SampleState(list(sp.prompt_ids)) for sp in specs}
+        prompt_lps: dict[int, list[float]] = {}  # per prompt: every sample of it shares them
         ref = self.engine.info.ref
         async for delta in self.engine.generate(specs, config):
             ref = delta.ref or ref
             GENERATED_TOKENS.labels("policy").inc(len(delta.token_ids))
             self._absorb(states[(delta.prompt_index, delta.sample_index)], delta, config)
+            if delta.prompt_logprobs is not None:
+                prompt_lps.setdefault(delta.prompt_index, list(delta.prompt_logprobs))
+        if config.return_prompt_logprobs:
+            missing = sorted({sp.prompt_index for sp in specs} - prompt_lps.keys())
+            if missing:
+                raise RuntimeError(f"the engine returned no prompt log-probs for prompts {missing}")
         out = []
         for (i, j), st in sorted(states.items()):
             text, _ = _cut_at_stop(_decode(self.engine.tokenizer, st.ids[st.base:]), config.stop)
@@ -260,13 +269,18 @@ class Generator:
                     prompt_token_ids=st.prompt_ids,
                     trajectory_token_ids=list(st.ids),
                     trajectory_logprobs=list(st.logprobs) if config.return_logprobs else [],
+                    prompt_logprobs=list(prompt_lps.get(i, ())),
                 )
             )
         return out, ref
 
     async def stream(self, req: GenerateInput) -> AsyncIterator[tuple[StreamChunk, ModelRef]]:
-        """Chunks as tokens arrive; the chunks of a sample concatenate to its unary completion."""
+        """Chunks as tokens arrive; the chunks of a sample concatenate to its unary completion.
+
+        Prompt log-probs are not streamed (no chunk field carries them): the engine is not asked
+        for them, whatever the request says."""
         specs, config = self.prepare(req)
+        config = replace(config, return_prompt_logprobs=False)
         states = {(sp.prompt_index, sp.sample_index): _SampleState(list(sp.prompt_ids)) for sp in specs}
         ref = self.engine.info.ref
         hold = max((len(s) for s in config.stop), default=1) - 1

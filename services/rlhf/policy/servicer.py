@@ -1,4 +1,8 @@
-"""PolicyService: protobuf in, plain data to the generator, protobuf out. Nothing else."""
+"""PolicyService: protobuf in, plain data to the generator, protobuf out. Nothing else.
+
+`SamplingParams.return_prompt_logprobs` is honoured by `Generate` only (`Completion.prompt_logprobs`);
+`GenerateStream` has no field for them and ignores the flag (the engine is not asked for them).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ def to_input(req) -> GenerateInput:
         seed=opt(p, "seed"),
         return_logprobs=p.return_logprobs,
         reset_token=p.reset_token,
+        return_prompt_logprobs=p.return_prompt_logprobs,
     )
 
 
@@ -61,6 +66,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     # the trajectory goes on the wire only where it differs from the kept part
                     trajectory_token_ids=c.trajectory_token_ids if c.reset else [],
                     trajectory_logprobs=c.trajectory_logprobs if c.reset else [],
+                    prompt_logprobs=c.prompt_logprobs,
                 )
                 for c in completions
             ],

@@ -38,6 +38,7 @@ class SamplingConfig:
     seed: int | None = None
     return_logprobs: bool = False
     reset_token_id: int | None = None
+    return_prompt_logprobs: bool = False  # teacher-forced log-probs of the prompt tokens
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +64,12 @@ class SampleDelta:
     backtracking, which the generator applies the same way for every engine), and logprobs are
     those of the tokens as sampled (context: the prompt and every token generated before).
 
+    `prompt_logprobs` (asked with `SamplingConfig.return_prompt_logprobs`): log π(prompt[i + 1] |
+    prompt[:i + 1]) for every prompt token after the first, on the model that serves the sample.
+    An engine sets it on the first delta of at least one sample of each prompt (the transformers
+    backend on every sample's, from one pass per prompt; vLLM on the first sample's only), and
+    the generator gives it to every completion of that prompt.
+
     `kept_logprobs` is set on the last delta of a sample when the request asked for log-probs and
     the sample contains the reset token: log π(token | prompt + kept tokens before it) for each
     token after the last reset token, from a teacher-forced pass of prompt + kept tokens on the
@@ -76,6 +83,7 @@ class SampleDelta:
     finish: Finish | None = None
     ref: ModelRef | None = None  # the model version that produced these tokens
     kept_logprobs: list[float] | None = None
+    prompt_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Completion:
     prompt_token_ids: list[int]
     trajectory_token_ids: list[int] = field(default_factory=list)
     trajectory_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # empty unless asked
 
     @property
     def reset(self) -> bool:

@@ -13,6 +13,10 @@ Contract every engine keeps (tests hold both backends to it):
   (by descending probability) whose mass reaches top-p.
 - log-probs are log π(token | context) under the raw model distribution (temperature 1, before
   top-k / top-p), equal to a teacher-forced forward pass of the same checkpoint.
+- with `params.return_prompt_logprobs`: the first delta of at least one sample of each prompt
+  carries `prompt_logprobs`, log π(prompt[i + 1] | prompt[:i + 1]) for each prompt token after
+  the first (a teacher-forced pass of the prompt on the model the sample runs on; raw
+  distribution, as every log-prob here).
 - with `params.reset_token_id`: stop strings are matched on the text after the last reset token
   only; and when log-probs are asked and a sample contains the reset token, its last delta
   carries `kept_logprobs` (the tokens after the last reset token, teacher-forced with the prompt

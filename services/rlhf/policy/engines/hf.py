@@ -18,6 +18,12 @@ in another thread and swaps by one assignment on the loop; requests already admi
 the old model, which is freed when the last of them is done. Every delta names the version
 that produced it in `delta.ref`.
 
+Prompt log-probs (`return_prompt_logprobs`): when a batch starts (or samples join it), one
+teacher-forced forward per prompt of a request that asked and has none yet — the n samples of a
+prompt share it — with the prompts of the batch stacked right-padded (causal attention never
+lets a real token see the padding after it), on the model the request is pinned to. Each
+sample's first delta carries its prompt's values.
+
 Backtracking: a row tracks where its kept part starts (after its last `reset_token_id`) and
 matches stop strings on that text only. When it finishes with a reset in it and log-probs were
 asked, one teacher-forced forward of prompt + kept tokens (same model, in the worker thread)
@@ -50,6 +56,9 @@ from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
 log = logging.getLogger(__name__)
 
 _WARMUP_PROMPT = (0, 0, 0, 0)  # token ids; any valid ids do
+# Most logits (rows × width × vocabulary) one prompt log-prob forward may hold: 512 MiB in fp32.
+# A prompt longer than this alone still runs by itself.
+_PROMPT_PASS_LOGITS = 1 << 27
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,6 +134,8 @@ class _Request:
         self.loaded = loaded
         self.queue = queue  # None: deltas are dropped (warm-up)
         self.cancelled = False
+        # prompt index -> its prompt log-probs (worker thread only), when params ask for them
+        self.prompt_logprobs: dict[int, list[float]] = {}
 
     def put(self, item: SampleDelta | BaseException) -> None:
         """Deliver on the loop thread."""
@@ -147,11 +158,11 @@ class _Seq:
 
 def _delta(
     seq: _Seq, tokens: list[int], logprobs: list[float], finish: Finish | None,
-    kept_logprobs: list[float] | None = None,
+    kept_logprobs: list[float] | None = None, prompt_logprobs: list[float] | None = None,
 ) -> SampleDelta:
     spec, ref = seq.spec, seq.request.loaded.ref  # the version that produced the tokens
     return SampleDelta(spec.prompt_index, spec.sample_index, tokens, logprobs, finish, ref=ref,
-                       kept_logprobs=kept_logprobs)
+                       kept_logprobs=kept_logprobs, prompt_logprobs=prompt_logprobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,6 +222,12 @@ class _Row:
         )
         return any(s in text for s in self.params.stop)
 
+    def prompt_logprobs(self) -> list[float] | None:
+        """On the first delta, when asked: the prompt's log-probs (`_fill_prompt_logprobs`)."""
+        if not (self.params.return_prompt_logprobs and len(self.tokens) == 1):
+            return None
+        return self.seq.request.prompt_logprobs[self.seq.spec.prompt_index]
+
     def kept_logprobs(self, loaded: _Loaded) -> list[float] | None:
         """After a reset (log-probs asked): the kept tokens' log-probs in their own context."""
         if not (self.params.return_logprobs and self.kept_from):
@@ -230,6 +247,45 @@ def _teacher_forced(
     logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
     target = torch.tensor(list(completion), dtype=torch.long, device=loaded.device)
     return logprobs.gather(1, target[:, None]).squeeze(1).tolist()
+
+
+def _fill_prompt_logprobs(loaded: _Loaded, rows: list["_Row"]) -> int:
+    """Compute the prompt log-probs the requests of `rows` asked for and lack; returns how many
+    prompts ran.
+
+    Once per (request, prompt index), however many samples of the prompt there are, and
+    whichever batch they run in. Prompts are stacked right-padded, as many per forward as
+    `_PROMPT_PASS_LOGITS` allows: with the padding after every real token, causal attention and
+    default positions give each row exactly its own teacher-forced pass, so no mask is needed.
+    """
+    todo: dict[tuple[int, int], tuple[_Request, int, tuple[int, ...]]] = {}
+    for r in rows:
+        request, spec = r.seq.request, r.seq.spec
+        if r.params.return_prompt_logprobs and spec.prompt_index not in request.prompt_logprobs:
+            todo.setdefault((id(request), spec.prompt_index), (request, spec.prompt_index, spec.prompt_ids))
+    jobs = sorted(todo.values(), key=lambda j: len(j[2]))  # similar lengths pad least
+    vocab = loaded.info.vocab_size
+    start = 0
+    while start < len(jobs):
+        end = start + 1
+        while end < len(jobs) and (end + 1 - start) * len(jobs[end][2]) * vocab <= _PROMPT_PASS_LOGITS:
+            end += 1
+        chunk = jobs[start:end]
+        for (request, index, _), lps in zip(chunk, _prompt_pass(loaded, [j[2] for j in chunk])):
+            request.prompt_logprobs[index] = lps
+        start = end
+    return len(jobs)
+
+
+def _prompt_pass(loaded: _Loaded, prompts: list[tuple[int, ...]]) -> list[list[float]]:
+    """log π(p[i + 1] | p[:i + 1]) of each prompt p: one forward, rows right-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), loaded.pad_id, dtype=torch.long, device=loaded.device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=loaded.device)
+    logits = loaded.model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+    picked = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # (B, T-1)
+    return [picked[i, : len(p) - 1].tolist() for i, p in enumerate(prompts)]
 
 
 def _choice_logits(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -429,6 +485,7 @@ class HFEngine:
         self._batches = 0  # batches run, sequences in them, tokens computed (stats)
         self._sequences = 0
         self._tokens = 0  # written by the worker thread
+        self._prompt_passes = 0  # prompts whose log-probs were computed (worker thread)
         self._stopping = threading.Event()  # tells the worker to abandon its batch
         self._serving = False
 
@@ -453,9 +510,14 @@ class HFEngine:
         return self._running_rows + len(self._waiting)
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: batches run, sequences they held, and tokens computed (one per
-        row per step; a cancelled row counts until the step that drops it)."""
-        return {"batches": self._batches, "sequences": self._sequences, "tokens": self._tokens}
+        """Counters since start: batches run, sequences they held, tokens computed (one per
+        row per step; a cancelled row counts until the step that drops it), and prompts whose
+        log-probs were computed (`prompt_passes`: one per prompt of a request, not per sample)."""
+        return {"batches": self._batches, "sequences": self._sequences, "tokens": self._tokens,
+                "prompt_passes": self._prompt_passes}
+
+    def _count_prompt_passes(self, k: int) -> None:
+        self._prompt_passes += k
 
     async def start(self) -> None:
         if self._serving:
@@ -638,7 +700,8 @@ class HFEngine:
         try:
             with torch.inference_mode():
                 join = functools.partial(self._take_joiners, loaded)
-                steps = _generate_steps(loaded, seqs, join, self._settings.batch_max_size)
+                steps = _generate_steps(loaded, seqs, join, self._settings.batch_max_size,
+                                        self._count_prompt_passes)
                 for out, computed, running in steps:
                     loop.call_soon_threadsafe(_deliver, out)
                     self._running_rows = running
@@ -674,10 +737,10 @@ class HFEngine:
 
 def _generate_steps(
     loaded: _Loaded, seqs: list[_Seq], join: Callable[[int], list[_Seq]] | None = None,
-    max_rows: int = 0,
+    max_rows: int = 0, on_prompt_pass: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[list, int, int]]:
     """Run `seqs` as one batch; after each step yield ([(request, delta)], rows computed in the
-    step, rows still running).
+    step, rows still running). `on_prompt_pass(k)`: k prompts had their log-probs computed.
 
     Continuous batching: after each step `join(room)` may hand over samples that arrived since
     (same model); they are prefilled on their own and merged into the running batch, so a
@@ -687,6 +750,9 @@ def _generate_steps(
     rows = [_Row(seq, loaded) for seq in seqs if not seq.request.cancelled]
     if not rows:
         return
+    passes = _fill_prompt_logprobs(loaded, rows)
+    if passes and on_prompt_pass is not None:
+        on_prompt_pass(passes)
     batch = _Batch(loaded, rows)
     logits = batch.prefill()
     while True:
@@ -697,7 +763,8 @@ def _generate_steps(
                 continue
             finish = row.finish_after(t, loaded)
             kept = row.kept_logprobs(loaded) if finish is not None else None
-            out.append((row.seq.request, _delta(row.seq, [t], [lp], finish, kept)))
+            delta = _delta(row.seq, [t], [lp], finish, kept, row.prompt_logprobs())
+            out.append((row.seq.request, delta))
             if finish is None:
                 keep.append(i)
         yield out, len(batch.rows), len(keep)
@@ -708,6 +775,9 @@ def _generate_steps(
         if join is not None and len(batch.rows) < max_rows and batch.mergeable():
             fresh = [_Row(seq, loaded) for seq in join(max_rows - len(batch.rows)) if not seq.request.cancelled]
             if fresh:
+                passes = _fill_prompt_logprobs(loaded, fresh)
+                if passes and on_prompt_pass is not None:
+                    on_prompt_pass(passes)
                 joining = _Batch(loaded, fresh)
                 first = joining.prefill()
                 batch.merge(joining)

@@ -30,6 +30,12 @@ How the contract of `base.py` is kept:
   vLLM's check (on its whole output text) cannot do: they are not given to vLLM then.
 - Greedy: `SamplingConfig.greedy` (T < 1e-5) is sent as temperature 0. vLLM itself raises any
   temperature in (0, 1e-2) to 1e-2 (a warning, then it samples), so a tiny T never reaches it.
+- Prompt log-probs (`return_prompt_logprobs`): the first sample of each prompt in a call is
+  asked with `SamplingParams(prompt_logprobs=0)` (the prompt token's own log-prob at each
+  position, from the raw logits; the first position has none and is dropped); its first delta
+  carries them and the generator shares them with the prompt's other samples, so a prompt is
+  scored once however large n is. vLLM returns them all at the end of prefill (DELTA outputs),
+  on the request's first output; a request asking for them skips the prefix cache.
 - Backtracking: when a sample with log-probs asked contains the reset token, its last delta
   carries the kept part's log-probs in the kept context (`SampleDelta.kept_logprobs`): vLLM's
   prompt log-probs of prompt + kept tokens on the same engine (`_score`), before the call ends,
@@ -305,10 +311,11 @@ def kv_cache_plan(settings: Settings, model_dir: str | Path) -> KVCachePlan:
 
 
 def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: int, vocab_size: int,
-                    engine_stops: bool) -> "SamplingParams":
+                    engine_stops: bool, prompt_logprobs: bool = False) -> "SamplingParams":
     """vLLM `SamplingParams` of one sample (n=1, deltas, its own seed).
 
     `engine_stops`: pass the stop strings to vLLM (see the module docstring for when not).
+    `prompt_logprobs`: ask for the prompt tokens' log-probs (the first sample of a prompt).
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -329,6 +336,7 @@ def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: 
         stop_token_ids=list(config.stop_token_ids) or None,
         include_stop_str_in_output=False,
         logprobs=0 if config.return_logprobs else None,
+        prompt_logprobs=0 if prompt_logprobs else None,
         output_kind=RequestOutputKind.DELTA,
         detokenize=stop is not None,  # vLLM's text is only needed to find stop strings
         skip_special_tokens=True,
@@ -768,9 +776,15 @@ class VLLMEngine:
         # discarded could stop the sample, so only our own check (on the kept text) runs then
         engine_stops = params.min_new_tokens == 0 and params.reset_token_id is None
         own_stops = params.stop  # checked here too, exactly as the transformers backend does
+        # prompt log-probs: asked of the first sample of each prompt only (the others share them)
+        scored = set() if not params.return_prompt_logprobs else {
+            min((s for s in samples if s.prompt_index == i), key=lambda s: s.sample_index)
+            for i in {s.prompt_index for s in samples}
+        }
         try:  # every sample's parameters first: a refusal starts nothing and leaks nothing
             sps = [sampling_params(spec, params, max_model_len=info.max_context,
-                                   vocab_size=info.vocab_size, engine_stops=engine_stops)
+                                   vocab_size=info.vocab_size, engine_stops=engine_stops,
+                                   prompt_logprobs=spec in scored)
                    for spec in samples]
         except ValueError as exc:  # vLLM's own validation (the generator checks first)
             raise InvalidArgument("params", f"vLLM refused the sampling parameters: {exc}") from None
@@ -822,9 +836,17 @@ class VLLMEngine:
         llm, ref, loaded = call.loaded.llm, call.loaded.ref, call.loaded
         tokens: list[int] = []  # the sample's tokens so far (its whole trajectory)
         last: int | None = None  # the last token so far
+        wants_prompt = sp.prompt_logprobs is not None  # and not received in full yet
+        prompt_entries: list = []  # vLLM's prompt log-probs so far (prefill may come in chunks)
         try:
             async with contextlib.aclosing(llm.generate(prompt, sp, rid)) as outputs:
                 async for out in outputs:
+                    plps = None
+                    if wants_prompt and out.prompt_logprobs:
+                        prompt_entries.extend(out.prompt_logprobs)
+                        if len(prompt_entries) >= len(spec.prompt_ids):
+                            plps = _prompt_logprobs(prompt_entries, spec.prompt_ids)
+                            wants_prompt = False
                     o = out.outputs[0]
                     ids = list(o.token_ids)
                     lps = [] if o.logprobs is None else [lp[t].logprob for t, lp in zip(ids, o.logprobs)]
@@ -840,14 +862,16 @@ class VLLMEngine:
                     else:
                         tokens.extend(ids)
                     if finish is None:
-                        call.queue.put_nowait(
-                            SampleDelta(spec.prompt_index, spec.sample_index, ids, lps, None, ref))
+                        call.queue.put_nowait(SampleDelta(
+                            spec.prompt_index, spec.sample_index, ids, lps, None, ref, prompt_logprobs=plps))
                         continue
+                    if wants_prompt and finish is not Finish.ABORT:
+                        raise Unavailable("the vLLM engine returned no prompt log-probs")
                     if not out.finished:  # stopped here, not in the engine: abort it there
                         await llm.abort(rid)
                     kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
                     call.queue.put_nowait(SampleDelta(
-                        spec.prompt_index, spec.sample_index, ids, lps, finish, ref, kept))
+                        spec.prompt_index, spec.sample_index, ids, lps, finish, ref, kept, plps))
                     return
             # the stream ended without a finish reason: report the sample aborted
             kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
@@ -907,6 +931,14 @@ class VLLMEngine:
         if start == 0:
             return None
         return await _score(llm, f"{rid}-kept", spec.prompt_ids, tokens[start:])
+
+
+def _prompt_logprobs(entries, prompt: Sequence[int]) -> list[float]:
+    """vLLM's prompt log-probs (`{token id: Logprob}` per position, None at position 0, as
+    `prompt_logprobs=0` returns them) → the prompt tokens' own log-probs from position 1 on."""
+    if len(entries) != len(prompt):
+        raise Unavailable(f"the vLLM engine returned {len(entries)} prompt log-probs for {len(prompt)} tokens")
+    return [entries[i][prompt[i]].logprob for i in range(1, len(prompt))]
 
 
 def _kept_from(tokens: list[int], reset_id: int | None) -> int:
