@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
             _add(sp, _VLLM_FLAGS)
             _add(sp, _POLICY_FLAGS)
         _add_debug(sp)
+    from rlhf.labels.app import add_serve_labels_parser
+
+    add_serve_labels_parser(serve_sub)  # the labelling web app (its own flags)
 
     _add_rollout_parser(sub)
     from rlhf.trainer.backtracking import add_backtracking_parser
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.labels.cli import add_labels_parser
 
     add_labels_parser(sub)  # rlhf labels leaderboard | agreement | annotators
+    from rlhf.trainer.judge import add_judge_parser
+
+    add_judge_parser(sub)  # rlhf judge compare
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
@@ -183,6 +189,10 @@ def setup_logging(level: str) -> None:
 
 
 def _serve(args) -> int:
+    if args.service == "labels":
+        from rlhf.labels.app import serve_labels
+
+        return serve_labels(args)
     prog = f"rlhf serve {args.service}"
     settings = _settings_or_exit_code(prog, args)
     if isinstance(settings, int):
@@ -338,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf.labels.cli import cmd_labels
 
         return cmd_labels(args)
+    if args.command == "judge":
+        from rlhf.trainer.judge import cmd_judge
+
+        return cmd_judge(args)
     return handlers[args.command](args)
 
 
@@ -357,8 +371,7 @@ def _rollout(args) -> int:
         DEFAULT_GROUP,
         OptionError,
         RolloutOptions,
-        cli_prompts,
-        load_prompts_file,
+        prompts_from_flags,
         run_rollout,
     )
 
@@ -374,15 +387,7 @@ def _rollout(args) -> int:
             model_name=args.rollout_model_name, rpc_timeout_s=args.rpc_timeout,
             max_attempts=settings.queue_max_deliveries,
         ).check(settings.max_prompts_per_request)
-        items = None
-        if args.prompts_file is not None:
-            if not args.prompts_file.is_file():
-                raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
-            items = load_prompts_file(args.prompts_file)
-            if not items:
-                raise ValueError(f"--prompts-file {args.prompts_file}: no prompts in it")
-        elif args.prompts is not None:
-            items = cli_prompts(args.prompts)
+        items = prompts_from_flags(args.prompts_file, args.prompts)
         if items is not None and (args.group or args.consumer):
             raise ValueError(f"--{'group' if args.group else 'consumer'}: applies to a prompts "
                              "stream, not to --prompts-file / --prompt")

@@ -676,11 +676,15 @@ def test_model_store_is_mounted_where_the_settings_point(kustomization):
         settings = settings_of(kustomization, c)
         volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-        store = mounts.get(str(settings.store_dir))
-        assert store, f"{c['name']}: store_dir {settings.store_dir} is not mounted"
-        assert volumes[store["name"]]["persistentVolumeClaim"]["claimName"] == "models"
-        writer = component(workload) == "trainer"
-        assert bool(store.get("readOnly")) is not writer, f"{c['name']}: only the trainer writes"
+        if component(workload) not in PLATFORM_COMPONENTS:  # loads no model (the labelling app)
+            claims = {v.get("persistentVolumeClaim", {}).get("claimName") for v in volumes.values()}
+            assert "models" not in claims, f"{c['name']}: needs no model store"
+        else:
+            store = mounts.get(str(settings.store_dir))
+            assert store, f"{c['name']}: store_dir {settings.store_dir} is not mounted"
+            assert volumes[store["name"]]["persistentVolumeClaim"]["claimName"] == "models"
+            writer = component(workload) == "trainer"
+            assert bool(store.get("readOnly")) is not writer, f"{c['name']}: only the trainer writes"
         if settings.model_dir is not None:  # pinned: the directory is on a mounted volume
             assert any(str(settings.model_dir).startswith(p + "/") for p in mounts), c["name"]
         # Read-only root fs: /tmp and the Hugging Face cache are writable emptyDirs.
@@ -747,6 +751,9 @@ def _gpus(container: dict) -> int:
 def test_gpu_overlay_runs_vllm_on_gpu_nodes():
     for workload, c in rlhf_main_containers("overlays/gpu"):
         spec = pod_spec(workload)
+        if component(workload) not in PLATFORM_COMPONENTS:  # computes nothing: takes no GPU
+            assert _gpus(c) == 0 and "nodeSelector" not in spec, c["name"]
+            continue
         assert c["image"].startswith("ghcr.io/rlhf/rlhf-gpu:"), c["name"]
         assert _gpus(c) >= 1, f"{c['name']}: nvidia.com/gpu limit"
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, c["name"]

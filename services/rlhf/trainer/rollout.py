@@ -245,6 +245,20 @@ def cli_prompts(texts: Sequence[str]) -> list[PromptItem]:
     return out
 
 
+def prompts_from_flags(prompts_file: Path | None,
+                       prompts: Sequence[str] | None) -> list[PromptItem] | None:
+    """The prompts of `--prompts-file` or `--prompt` (None: neither given); ValueError naming
+    the flag (a missing or empty file, a bad row, an empty or repeated prompt)."""
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise ValueError(f"--prompts-file {prompts_file}: no such file")
+        items = load_prompts_file(prompts_file)
+        if not items:
+            raise ValueError(f"--prompts-file {prompts_file}: no prompts in it")
+        return items
+    return None if prompts is None else cli_prompts(prompts)
+
+
 # ------------------------------------------------------------------------------------------------
 # Building samples (pure)
 # ------------------------------------------------------------------------------------------------
@@ -803,6 +817,7 @@ __all__ = [
     "cli_prompts",
     "group_id",
     "load_prompts_file",
+    "prompts_from_flags",
     "run_rollout",
     "sample_id",
     "score_item",
