@@ -19,25 +19,17 @@ drawn), one line on stderr; 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import re
-import secrets
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-#: Redis hash of annotator tokens: field sha256(token) hex → annotator id.
-TOKENS_KEY = "rlhf:labels:tokens"
-#: An annotator id: no whitespace and no ":" (tokens files hold lines "annotator_id:token").
-ANNOTATOR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-
-
-def token_hash(token: str) -> str:
-    """The field a token is stored under in `TOKENS_KEY`: sha256 of its UTF-8 bytes, hex."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+# Redis hash of annotator tokens (field sha256(token) hex → annotator id) and the annotator id
+# rule: the app's login reads what these commands write.
+from rlhf.labels.auth import ANNOTATOR_RE, TOKENS_KEY, new_token
+from rlhf.labels.auth import token_digest as token_hash
 
 
 def add_labels_parser(sub) -> None:
@@ -241,7 +233,7 @@ def _annotators_add(args, client, options) -> int:
     if old and not args.replace:
         raise _Failure(f"annotator {args.name!r} already has {len(old)} token(s); pass --replace "
                        "to revoke them and make a new one")
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     with client.pipeline(transaction=True) as pipe:  # revoke and add in one MULTI/EXEC
         if old:
             pipe.hdel(TOKENS_KEY, *old)
