@@ -181,6 +181,13 @@ class TrainingClient:
         `rlhf.trainer.jobs.SFTJob`; `reset_token` trains backtracking examples from the reset)."""
         return self.submit({**spec, "type": "sft"})
 
+    def submit_loop(self, **spec: Any) -> str:
+        """Queue an online / iterative alignment loop (fields: `rlhf.trainer.jobs.LoopJob`):
+        rounds of sample → label (reward model or AI judge) → pairs → DPO (or PPO / GRPO) →
+        activate → evaluate. Follow it with `status` (the loop's own record) and
+        `rlhf loop status|follow ID`."""
+        return self.submit({**spec, "type": "iterate"})
+
     # ------------------------------------------------------------------ follow
     def status(self, job_id: str) -> JobRecord:
         rec = read_job(self.r, job_id)

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.trainer.judge import add_judge_parser
 
     add_judge_parser(sub)  # rlhf judge compare
+    from rlhf.trainer.loop_cli import add_loop_parser
+
+    add_loop_parser(sub)  # rlhf loop start | status | follow | plot
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
@@ -352,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf.trainer.judge import cmd_judge
 
         return cmd_judge(args)
+    if args.command == "loop":
+        from rlhf.trainer.loop_cli import cmd_loop
+
+        return cmd_loop(args)
     return handlers[args.command](args)
 
 

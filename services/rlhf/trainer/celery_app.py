@@ -12,7 +12,9 @@ Configuration (from `Settings`, see `celery_config`):
   to its queue after `celery_visibility_timeout_s` (a whole worker SIGKILLed), so that timeout
   must exceed the longest job; the job lease (jobs.py) stops a copy redelivered while the first
   still runs.
-- Queues are named for their work (`QUEUE_FOR_TASK`); tasks route by name.
+- Queues are named for their work (`QUEUE_FOR_TASK`); tasks route by name. A loop
+  (`rlhf.iterate`, queue `train.loop`) runs its rounds' training jobs in its own process, so it
+  needs no second worker; it runs for hours: the visibility timeout must exceed the whole loop.
 - Soft shutdown: `worker_soft_shutdown_timeout = worker_soft_shutdown_s`; `rlhf worker` maps
   SIGTERM to Celery's cold shutdown, so on SIGTERM a running job gets that long, then is
   cancelled and requeued (acks late), all within the pod's grace period.
@@ -39,10 +41,10 @@ from rlhf.config import Settings
 
 TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model",
                                 "dpo": "rlhf.train_dpo", "ppo": "rlhf.train_ppo",
-                                "sft": "rlhf.train_sft"}
+                                "sft": "rlhf.train_sft", "iterate": "rlhf.iterate"}
 QUEUE_FOR_TASK: dict[str, str] = {"rlhf.train_reward_model": "train.reward_model",
                                   "rlhf.train_dpo": "train.dpo", "rlhf.train_ppo": "train.ppo",
-                                  "rlhf.train_sft": "train.sft"}
+                                  "rlhf.train_sft": "train.sft", "rlhf.iterate": "train.loop"}
 QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUE_FOR_TASK.values())))
 # One direct exchange, each queue bound by its own name: a job reaches exactly its queue (queues
 # declared without a key would all share the default key and every job would reach all of them).

@@ -78,7 +78,8 @@ def add_parsers(sub) -> None:
                     help="a PPO job: draw its per-step curves (training_curves.json in the "
                     "version it published) into this PNG")
     jsub = _leaf(jobs_sub, "submit", "validate and queue a job spec (JSON file, - for stdin)")
-    jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model, dpo, ppo, sft)')
+    jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model, dpo, ppo, sft, '
+                      'iterate: a loop, see `rlhf loop`)')
     jsub.add_argument("--wait", action="store_true", help="wait until it finishes")
     jsub.add_argument("--timeout", type=float, default=24 * 3600.0)
     jr = _leaf(jobs_sub, "reap", "re-queue queued/running jobs whose lease expired and whose "

@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import redis
@@ -531,11 +532,249 @@ def check_ppo_submit(spec: "PPOJob", client: redis.Redis) -> None:
                        noun="scored samples", minimum=spec.min_samples)
 
 
+# --- The online / iterative loop (the job function is rlhf.trainer.loop.run_loop_job) ---------
+
+#: What trains each round: DPO on the round's pairs, or PPO (critic) / GRPO on its scored samples.
+LoopTrainer = Literal["dpo", "ppo", "grpo"]
+#: Fields of a round's child job that the loop sets itself (a spec's `train` may not).
+LOOP_OWNED_FIELDS: frozenset[str] = frozenset({"type", "job_id", "model_name", "base_dir",
+                                               "base_version", "source", "activate"})
+#: ... and per trainer (DPO's reference follows `dpo_reference`; GRPO's estimator is GRPO and
+#: every group is the round's n samples of one prompt).
+LOOP_OWNED_BY_TRAINER: dict[str, frozenset[str]] = {
+    "dpo": frozenset({"reference"}),
+    "ppo": frozenset({"group_size"}),
+    "grpo": frozenset({"group_size", "advantage_estimator"}),
+}
+#: A loop's id is short enough for its children's ids (`<loop id>-r<round>-<trainer>`).
+MAX_LOOP_ID_CHARS = 100
+
+
+def loop_stream(loop_id: str, round_: int, kind: str) -> str:
+    """The stream a loop's round `round_` fills for its child job: `pairs` (DPO) or `samples`
+    (PPO / GRPO)."""
+    return f"rlhf:loop:{loop_id}:r{round_}:{kind}"
+
+
+def loop_child_id(loop_id: str, round_: int, trainer: str) -> str:
+    """The id of round `round_`'s training job: fixed, so a resumed loop finds it (and never
+    trains a finished one again)."""
+    return f"{loop_id}-r{round_}-{trainer}"
+
+
+class PromptsSpec(_Spec):
+    """Prompts: a JSONL file of {"id", "prompt"} rows on the worker's file system, or texts
+    given inline (ids "p0", "p1", ...)."""
+
+    path: str | None = Field(None, min_length=1, description="JSONL file of {\"id\", \"prompt\"} "
+                             "rows.")
+    texts: list[str] | None = Field(None, min_length=1, description="Prompts given inline.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromptsSpec":
+        if (self.path is None) == (self.texts is None):
+            raise SpecProblems([("path", "set path (a JSONL file) or texts, exactly one")])
+        if self.texts is not None:
+            empty = [i for i, t in enumerate(self.texts) if not t]
+            if empty:
+                raise SpecProblems([("texts", f"prompt {empty[0]} is empty")])
+        return self
+
+
+class LabellerSpec(_Spec):
+    """Who labels the samples: a reward model served by the RewardService (`reward`), or a
+    language model served by a PolicyService acting as a pairwise judge (`judge`, RLAIF)."""
+
+    type: Literal["reward", "judge"] = "reward"
+    target: str = Field(min_length=1, description="The service's host:port or dns:/// target.")
+    template: str | None = Field(None, min_length=1, description="judge: the prompt template "
+                                 "file (unset: the shipped default).")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of one call.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabellerSpec":
+        if self.template is not None and self.type != "judge":
+            raise SpecProblems([("template", "a template is for a judge labeller (type 'judge')")])
+        return self
+
+
+class LoopSampling(_Spec):
+    """How each round samples: n responses per prompt from the active version, seeded."""
+
+    n: int = Field(4, ge=2, le=64, description="Responses per prompt (the pair builder picks "
+                   "from them; GRPO's group).")
+    temperature: float = Field(1.0, gt=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    seed: int = Field(0, ge=0, description="Base seed: round k's requests are seeded from it, "
+                      "k and the prompt ids.")
+    batch_prompts: int = Field(8, ge=1, le=64, description="Prompts per Generate call (fewer "
+                               "when prompts × n would pass the services' per-call limits).")
+
+
+class LoopPairs(_Spec):
+    """How a group of scored responses becomes a pair (rlhf.trainer.pairs)."""
+
+    builder: Literal["best_vs_random", "best_vs_worst"] = "best_vs_random"
+    min_margin: float = Field(0.0, ge=0, description="Skip pairs whose scores differ by less.")
+
+
+class LoopHeldOut(_Spec):
+    """The held-out evaluation after every round: n samples per prompt at temperature 1 (the
+    raw policy: the KL estimate needs it), the same seed every round."""
+
+    prompts: PromptsSpec
+    n: int = Field(2, ge=1, le=64, description="Samples per held-out prompt.")
+    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="Unset: sampling's.")
+    seed: int = Field(1234, ge=0)
+
+
+class LoopStop(_Spec):
+    """When the loop stops before `rounds`: a plateau of the held-out score (no round in
+    `patience` improved on the best by `min_improvement`), or KL to the original reference past
+    `max_kl` (nats per sample, k1)."""
+
+    patience: int | None = Field(None, ge=1)
+    min_improvement: float = Field(0.0, ge=0)
+    max_kl: float | None = Field(None, gt=0)
+
+
+class LoopHuman(_Spec):
+    """Human pairs: before training, a round waits (up to `wait_s`) for at least `min_pairs`
+    pairs or rankings on `stream` (read through the loop's own consumer group) and trains on
+    them with its own."""
+
+    stream: str = Field(PREFERENCES_STREAM, min_length=1)
+    group: str | None = Field(None, pattern=_NAME, description="Consumer group (unset: "
+                              "loop-<loop id>).")
+    min_pairs: int = Field(1, ge=1)
+    max_pairs: int = Field(10_000, ge=1, description="Most payloads one round takes.")
+    wait_s: float = Field(600.0, ge=0, description="Past this the round trains on what came.")
+
+
+class LoopJob(_PolicyJob):
+    """Online / iterative alignment: rounds of [sample n responses per prompt from the active
+    version → label (reward model or AI judge) → build pairs → train a child job (DPO; or PPO /
+    GRPO on scored samples) from the round's starting version → activate → wait until the
+    policy service serves it → evaluate on held-out prompts]. See rlhf.trainer.loop."""
+
+    type: Literal["iterate"] = "iterate"
+    trainer: LoopTrainer = "dpo"
+    train: dict[str, Any] = Field(default_factory=dict, description="The round job's options "
+                                  "(DPOJob / PPOJob fields, less those the loop sets).")
+    rounds: int = Field(3, ge=1, le=1000)
+    policy: str = Field(min_length=1, description="PolicyService following model_name.")
+    reference: str | None = Field(None, min_length=1, description="ReferenceService serving the "
+                                  "original model: KL to it (and PPO / GRPO's reference).")
+    labeller: LabellerSpec
+    prompts: PromptsSpec
+    prompts_per_round: int | None = Field(None, ge=1, description="A seeded draw of this many "
+                                          "prompts per round (unset: all).")
+    sampling: LoopSampling = Field(default_factory=LoopSampling)
+    pairs: LoopPairs = Field(default_factory=LoopPairs)
+    dpo_reference: Literal["round_start", "original"] = Field(
+        "round_start", description="DPO's reference: the round's starting version or the loop's.")
+    held_out: LoopHeldOut
+    stop: LoopStop = Field(default_factory=LoopStop)
+    human: LoopHuman | None = None
+    overlap: bool = Field(False, description="Sample round k+1 while round k trains (one round "
+                          "off-policy).")
+    swap_timeout_s: float = Field(600.0, gt=0, description="Longest wait for the policy service "
+                                  "to serve a new version.")
+    rpc_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoopJob":
+        problems: list[tuple[str, str]] = []
+        if len(self.job_id) > MAX_LOOP_ID_CHARS:
+            problems.append(("job_id", f"at most {MAX_LOOP_ID_CHARS} characters (a round's job "
+                             "id appends -r<round>-<trainer>)"))
+        if self.base_dir is not None:
+            problems.append(("base_dir", "a loop starts from a version of model_name (the "
+                             "policy service serves it): publish the directory first"))
+        if self.trainer != "dpo" and self.reference is None:
+            problems.append(("reference", f"trainer {self.trainer!r} needs the ReferenceService "
+                             "(reference log-probs of every sample)"))
+        if self.stop.max_kl is not None and self.reference is None:
+            problems.append(("stop.max_kl", "measuring KL to the original model needs reference "
+                             "(a ReferenceService serving it)"))
+        if self.human is not None and self.trainer != "dpo":
+            problems.append(("human", "human pairs train DPO rounds (trainer 'dpo') only"))
+        if self.dpo_reference != "round_start" and self.trainer != "dpo":
+            problems.append(("dpo_reference", f"applies to trainer 'dpo', not {self.trainer!r}"))
+        texts = self.prompts.texts
+        if texts is not None and self.prompts_per_round is not None \
+                and self.prompts_per_round > len(texts):
+            problems.append(("prompts_per_round", f"{self.prompts_per_round} > the "
+                             f"{len(texts)} prompts given"))
+        owned = LOOP_OWNED_FIELDS | LOOP_OWNED_BY_TRAINER[self.trainer]
+        problems += [(f"train.{k}", "set by the loop, not in train") for k in self.train
+                     if k in owned]
+        if not any(f.startswith("train.") for f, _ in problems):
+            try:
+                child = self.child_spec(1, "v0000", "v0000")
+            except ValidationError as exc:
+                problems += [(f"train.{where}" if where else "train", msg)
+                             for where, msg in validation_problems(exc)]
+            else:
+                if self.overlap and isinstance(child, PPOJob) and child.max_staleness < 1:
+                    problems.append(("train.max_staleness", "overlap trains on samples one "
+                                     "version old: it needs max_staleness ≥ 1"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+    def child_spec(self, round_: int, base_version: str,
+                   original_version: str) -> "DPOJob | PPOJob":
+        """Round `round_`'s training job, starting from `base_version` (`original_version`:
+        the loop's starting version, DPO's reference with dpo_reference 'original')."""
+        common = dict(self.train, job_id=loop_child_id(self.job_id, round_, self.trainer),
+                      model_name=self.model_name, base_version=base_version, activate=False)
+        if self.trainer == "dpo":
+            reference = {"source": "local"}
+            if self.dpo_reference == "original":
+                reference["version"] = original_version
+            return DPOJob.model_validate({
+                **common, "type": "dpo", "reference": reference,
+                "source": {"type": "stream", "stream": loop_stream(self.job_id, round_, "pairs"),
+                           "group": "dpo", "max_entries": 100_000}})
+        extra = {"advantage_estimator": "grpo"} if self.trainer == "grpo" else {}
+        return PPOJob.model_validate({
+            **common, **extra, "type": "ppo", "group_size": self.sampling.n,
+            "source": {"type": "stream", "stream": loop_stream(self.job_id, round_, "samples"),
+                       "group": "ppo", "max_entries": 100_000}})
+
+
+def check_loop_submit(spec: "LoopJob", client: redis.Redis) -> None:
+    """Submit-time checks of files the loop reads (submit where the worker's files are
+    visible): prompt files that parse and hold prompts (enough for prompts_per_round), a judge
+    template that exists."""
+    from rlhf.trainer.rollout import load_prompts_file
+
+    for field, prompts in (("prompts.path", spec.prompts), ("held_out.prompts.path",
+                                                           spec.held_out.prompts)):
+        if prompts.path is None:
+            continue
+        try:
+            n = len(load_prompts_file(Path(prompts.path)))
+        except (OSError, ValueError) as exc:
+            raise _rejected(field, str(exc)) from None
+        if n == 0:
+            raise _rejected(field, f"{prompts.path} holds no prompts")
+        if field == "prompts.path" and spec.prompts_per_round is not None \
+                and spec.prompts_per_round > n:
+            raise _rejected("prompts_per_round", f"{spec.prompts_per_round} > the {n} prompts "
+                            f"in {prompts.path}")
+    if spec.labeller.template is not None and not Path(spec.labeller.template).is_file():
+        raise _rejected("labeller.template", f"{spec.labeller.template}: no such file")
+
+
 # -------------------------------------------------------------------------------------------------
 
 JOB_TYPES: dict[str, type[_Spec]] = {"reward_model": RewardModelJob, "dpo": DPOJob, "ppo": PPOJob,
-                                     "sft": SFTJob}
-JobSpec = Union[RewardModelJob, DPOJob, PPOJob, SFTJob]  # the union of JOB_TYPES' values
+                                     "sft": SFTJob, "iterate": LoopJob}
+JobSpec = Union[RewardModelJob, DPOJob, PPOJob, SFTJob, LoopJob]  # the union of JOB_TYPES' values
 
 
 def parse_spec(data: dict[str, Any] | _Spec) -> JobSpec:
@@ -551,16 +790,22 @@ def parse_spec(data: dict[str, Any] | _Spec) -> JobSpec:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            problem = (err.get("ctx") or {}).get("error")
-            if isinstance(problem, SpecProblems):  # a cross-field check: it names its fields
-                lines.extend(f"  {'.'.join(filter(None, (where, f)))}: {m}"
-                             for f, m in problem.problems)
-                continue
-            lines.append(f"  {where or 'spec'}: {err['msg']}")
+        lines = [f"  {where or 'spec'}: {msg}" for where, msg in validation_problems(exc)]
         raise JobRejected(f"{kind} job spec rejected:\n" + "\n".join(lines)) from None
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted field, message) for every error of a spec's validation; a cross-field check's
+    `SpecProblems` names each of its fields ("" for the spec as a whole)."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        problem = (err.get("ctx") or {}).get("error")
+        if isinstance(problem, SpecProblems):  # a cross-field check: it names its fields
+            out.extend(('.'.join(filter(None, (where, f))), m) for f, m in problem.problems)
+            continue
+        out.append((where, err["msg"]))
+    return out
 
 
 def check_against_registry(spec: JobSpec, registry: Registry) -> None:
@@ -572,6 +817,10 @@ def check_against_registry(spec: JobSpec, registry: Registry) -> None:
         if spec.base_version not in versions:
             raise JobRejected(f"job spec rejected:\n  base_version: model {spec.model_name!r} has "
                               f"no version {spec.base_version!r} (it has {versions or 'none'})")
+    elif registry.active(spec.model_name) is None and isinstance(spec, LoopJob):
+        raise JobRejected(f"job spec rejected:\n  model_name: model {spec.model_name!r} has no "
+                          "active version to start from (publish and activate a first version: "
+                          "the policy service serves it) or pass base_version")
     elif registry.active(spec.model_name) is None:
         raise JobRejected(f"job spec rejected:\n  base_dir: model {spec.model_name!r} has no active "
                           "version to start from; pass base_dir (a first version) or base_version")
@@ -765,7 +1014,7 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
 
     Raises `JobRejected` (nothing is queued) when the spec is invalid, names a base version
     that does not exist, or reuses a job id (a DPO, PPO or SFT job also when its data source
-    is empty).
+    is empty; a loop when a file it names is missing or unusable).
     """
     from rlhf.trainer.celery_app import send_job
 
@@ -778,6 +1027,8 @@ def submit_job(data: dict[str, Any] | JobSpec, *, redis_url: str, client: redis.
         check_ppo_submit(spec, r)
     elif isinstance(spec, SFTJob):
         check_sft_submit(spec, r)
+    elif isinstance(spec, LoopJob):
+        check_loop_submit(spec, r)
     jobs = JobStore(r)
     jobs.create(spec)
     try:

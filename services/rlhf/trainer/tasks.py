@@ -1,9 +1,9 @@
 """Celery tasks: thin. Validate the spec, run the job under its id's guard, nothing else.
 
 The work is in plain functions (reward_model.run_reward_model_job, dpo.run_dpo_job,
-ppo.run_ppo_job, sft.run_sft_job) run by jobs.execute, which decides whether this delivery runs
-(a completed job never runs again; a job another worker holds is retried later) and records the
-outcome on the job record.
+ppo.run_ppo_job, sft.run_sft_job, loop.run_loop_job) run by jobs.execute, which decides whether
+this delivery runs (a completed job never runs again; a job another worker holds is retried
+later) and records the outcome on the job record.
 
 A task never lets Celery drop its message. Celery's own answers to a broker outage do: a task
 that calls `retry()` while the broker is down gets its message rejected without requeue (the
@@ -96,3 +96,10 @@ def train_sft(self, spec: dict) -> dict:
     from rlhf.trainer.sft import run_sft_job
 
     return _run(self, spec, "sft", run_sft_job)
+
+
+@app.task(name="rlhf.iterate", **_TASK_OPTIONS)
+def iterate(self, spec: dict) -> dict:
+    from rlhf.trainer.loop import run_loop_job
+
+    return _run(self, spec, "iterate", run_loop_job)
