@@ -1,7 +1,7 @@
 """The online loop, synchronous vs. overlapped: the same rounds, wall time and final held-out
 reward side by side in one run.
 
-    python bench/loop.py [--quick] [--size small] [--rounds 3] [--prompts 32] [--n 16]
+    python bench/loop.py [--quick] [--size small] [--rounds 5] [--prompts 32] [--n 16]
                          [--max-new-tokens 16] [--epochs 2] [--lr 5e-4]
                          [--redis-url redis://127.0.0.1:6379/0] [--workdir DIR]
 
@@ -147,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=32, help="prompts per round")
     ap.add_argument("--n", type=int, default=16, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=16)

@@ -341,31 +341,26 @@ def _demo(args) -> int:
         return _report("rlhf demo", exc, args.debug, started=True)
 
 
+#: Sub-commands whose handler lives in its own module (imported only when the command runs).
+_COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "backtracking": ("rlhf.trainer.backtracking", "cmd_backtracking"),
+    "labels": ("rlhf.labels.cli", "cmd_labels"),
+    "judge": ("rlhf.trainer.judge", "cmd_judge"),
+    "loop": ("rlhf.trainer.loop_cli", "cmd_loop"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout,
-                "backtracking": _backtracking}
+    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout}
     if args.command in ("worker", "worker-probe", "jobs", "models"):
         return _trainer(args)
-    if args.command == "labels":
-        from rlhf.labels.cli import cmd_labels
+    if args.command in _COMMAND_MODULES:
+        import importlib
 
-        return cmd_labels(args)
-    if args.command == "judge":
-        from rlhf.trainer.judge import cmd_judge
-
-        return cmd_judge(args)
-    if args.command == "loop":
-        from rlhf.trainer.loop_cli import cmd_loop
-
-        return cmd_loop(args)
+        module, name = _COMMAND_MODULES[args.command]
+        return getattr(importlib.import_module(module), name)(args)
     return handlers[args.command](args)
-
-
-def _backtracking(args) -> int:
-    from rlhf.trainer.backtracking import cmd_backtracking
-
-    return cmd_backtracking(args)
 
 
 def _rollout(args) -> int:

@@ -96,12 +96,9 @@ class _Generator(threading.Thread):
 
 def _plot(path: Path, before: float, after: float, versions: list[tuple[float, str]], job_at: tuple[float, float],
           failed: int):
-    import matplotlib
+    from rlhf.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
     a.bar(["before DPO", "after DPO"], [before * 100, after * 100], color=["#999999", "#2a7ab9"])
     a.set_ylabel('samples saying "banana" (%)')
     a.set_title("preferred behaviour in the policy's own samples")
@@ -114,9 +111,7 @@ def _plot(path: Path, before: float, after: float, versions: list[tuple[float, s
     b.set_xlabel("seconds")
     b.set_title(f"version that answered each request ({failed} failed)")
     b.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,15 +419,12 @@ def _measure(pc, rc, prompts: list[str], n: int) -> tuple[float, float, str]:
 
 
 def _plot_rl(path: Path, algo: str, rows: list[dict], before: tuple, after: tuple) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rlhf.plots import pyplot, save_figure
     from matplotlib.ticker import MaxNLocator
 
     its = [r["iteration"] for r in rows]  # iteration k trains on the samples of version k
     held = [1, its[-1] + 1]  # held-out prompts: the first and the last version
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (a, b, c) = pyplot().subplots(1, 3, figsize=(13, 3.8))
     a.plot(its, [r["score"] for r in rows], marker="o", color="#2a7ab9",
            label="its rollout samples")
     a.scatter(held, [before[0], after[0]], color="#d1495b", zorder=3,
@@ -448,11 +440,8 @@ def _plot_rl(path: Path, algo: str, rows: list[dict], before: tuple, after: tupl
         ax.set_xlabel("policy version (v000k)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{algo.upper()}: rollout worker → scored samples → one job per iteration "
-                 "→ hot-swap")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title=f"{algo.upper()}: rollout worker → scored samples → one job per "
+                                  "iteration → hot-swap")
 
 
 def _rollout_prompt(prompt_id: str, text: str):

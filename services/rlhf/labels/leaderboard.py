@@ -45,7 +45,7 @@ Cohen's κ = (p_o − p_e) / (1 − p_e) with p_e from the marginals of first an
 `leaderboard(votes)` gives one `LeaderboardRow` per model, best first (Bradley–Terry rating,
 its interval, Elo, battles won / lost / tied, Chatbot Arena's rank: 1 + the number of models
 whose interval lies wholly above this one's); `plot_leaderboard(rows, path_or_file)` draws them
-(PNG, matplotlib's Agg backend: matplotlib comes with the `train` extra, not with `serve`).
+(PNG, matplotlib's Agg backend; matplotlib comes with the `serve` extra).
 """
 
 from __future__ import annotations
@@ -492,13 +492,10 @@ def plot_leaderboard(rows: Sequence[LeaderboardRow], path: str | Path | BinaryIO
     """Draw the rows as a PNG into `path` (a file path, or a binary file object such as
     `io.BytesIO` for a web page): each model's Bradley–Terry rating with its interval as an
     error bar, and its Elo, best first left to right. No rows: a figure that says so.
-    Needs matplotlib (the `train` extra): ImportError without it."""
-    import matplotlib
+    """
+    from rlhf.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2.0), 3.6))
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.9 * len(rows) + 2.0), 3.6))
     if rows:
         xs = np.arange(len(rows))
         ratings = np.array([r.rating for r in rows])
@@ -519,14 +516,4 @@ def plot_leaderboard(rows: Sequence[LeaderboardRow], path: str | Path | BinaryIO
         ax.set_axis_off()
         if title:
             ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    if hasattr(path, "write"):
-        out: Path | BinaryIO = path
-    else:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(out, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, path)

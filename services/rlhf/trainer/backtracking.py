@@ -681,10 +681,7 @@ def plot_table(results: Mapping[str, SafetyEval], path: str | Path, *,
                title: str = "backtracking: safety violations and helpfulness") -> Path:
     """Bars per row (in `format_table`'s order) to a PNG (Agg): violation rate overall and per
     prompt group, resets on benign prompts; helpfulness on benign prompts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rlhf.plots import pyplot, save_figure
 
     names = [r for r in results if r not in ROWS] + [r for r in ROWS if r in results]
     groups = sorted({g for r in results.values() for g in r.violation_by_group})
@@ -695,7 +692,7 @@ def plot_table(results: Mapping[str, SafetyEval], path: str | Path, *,
                     shades[i % len(shades)]) for i, g in enumerate(groups)]
     series.append(("resets on benign prompts", [results[n].reset_rate_benign for n in names],
                    "#95a5a6"))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(series)
     labels = [n.replace(" + ", "\n+ ").replace(" (", "\n(") for n in names]
     for k, (label, values, colour) in enumerate(series):
@@ -716,13 +713,7 @@ def plot_table(results: Mapping[str, SafetyEval], path: str | Path, *,
     b.set_xticks(range(len(names)), labels, fontsize=7)
     b.set_ylim(0, 1.05)
     b.set_title("helpfulness on benign prompts")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -376,6 +376,11 @@ class JudgeLabeller:
         """P(a ≻ b) for `prompt`."""
         return self.judge.preference(prompt, a, b)
 
+    def compare_many(self, triples: Sequence[tuple[str, str, str]]) -> list[float]:
+        """P(a ≻ b) for every (prompt, a, b), in batched Generate calls (the loop's evaluation
+        compares every held-out sample with the previous version's)."""
+        return self.judge.preferences(triples) if triples else []
+
     def close(self) -> None:
         self.client.close()
 

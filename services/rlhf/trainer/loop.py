@@ -329,17 +329,15 @@ def plot_loop(rounds: Sequence[dict[str, Any]], path: str | Path, *,
               title: str | None = None) -> Path:
     """One PNG of the loop's rounds (`read_rounds`): held-out score, KL to the original, win
     rate against the previous version, pairs used (machine / human), wall time per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from rlhf.plots import pyplot, save_figure
 
     done = [r for r in rounds if r.get("done")]
     if not done:
         raise ValueError("no round is evaluated yet")
     ks = [r["round"] for r in done]
-    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8))
+    fig, axes = pyplot().subplots(1, 5, figsize=(19, 3.8))
     a, b, c, d, e = axes
     metric = done[0].get("held_out_metric", "mean_reward")
     a.plot(ks, [r["held_out_score"] for r in done], marker="o", color="#2a7ab9")
@@ -375,14 +373,7 @@ def plot_loop(rounds: Sequence[dict[str, Any]], path: str | Path, *,
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, title=title, dpi=100)
 
 
 # ------------------------------------------------------------------------------------------------

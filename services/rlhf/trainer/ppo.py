@@ -876,10 +876,7 @@ def plot_ppo_curves(source: Any, path: str | Path, *, keys: Sequence[str] = CURV
                     store_dir: str | Path | None = None, title: str | None = None) -> Path:
     """Draw the per-step curves of `source` (see `load_curves`) into a PNG at `path`, one panel
     per metric in `keys` (those no step has are left out), x = optimizer step in order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rlhf.plots import pyplot, save_figure
 
     steps = load_curves(source, store_dir=store_dir)
     shown = [k for k in keys if any(s.get(k) is not None for s in steps)]
@@ -887,7 +884,7 @@ def plot_ppo_curves(source: Any, path: str | Path, *, keys: Sequence[str] = CURV
         raise ValueError(f"no step has any of {list(keys)}")
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, key in zip(axes.flat, shown):
         xs = [i + 1 for i, s in enumerate(steps) if s.get(key) is not None]
         ys = [s[key] for s in steps if s.get(key) is not None]
@@ -898,11 +895,4 @@ def plot_ppo_curves(source: Any, path: str | Path, *, keys: Sequence[str] = CURV
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, title=title, title_size=10)
