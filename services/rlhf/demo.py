@@ -22,6 +22,10 @@ worker. Then:
   those samples and activates its version, and waits for the policy service to hot-swap to it.
   It prints the mean score and KL to the reference per iteration, measures held-out prompts
   before and after, and plots the curves to PNGs.
+
+`--algo loop`
+  the same stack runs ONE `iterate` job (`rlhf loop`): rounds of online DPO labelled by the
+  reward model, each round's version served and evaluated (rlhf.loop_demo).
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def _plot(path: Path, before: float, after: float, versions: list[tuple[float, s
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-ALGOS = ("dpo", "ppo", "grpo")
+ALGOS = ("dpo", "ppo", "grpo", "loop")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,9 +130,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     the CLI's): which algorithm closes the loop, and the size of the RL loop."""
     parser.add_argument("--algo", choices=ALGOS, default="dpo",
                         help="dpo: preference pairs → one DPO job; ppo / grpo: rollout worker → "
-                             "scored samples → one PPO (critic) / GRPO job per iteration")
+                             "scored samples → one PPO (critic) / GRPO job per iteration; loop: "
+                             "online DPO as one managed loop (rlhf loop): rounds of sampling, "
+                             "reward-model labels, best-vs-worst pairs, DPO, swap, evaluation")
     parser.add_argument("--iterations", type=int, default=10,
-                        help="ppo / grpo: iterations (each: rollout, one job, hot-swap)")
+                        help="ppo / grpo: iterations (each: rollout, one job, hot-swap); loop: "
+                             "rounds")
     parser.add_argument("--prompts", type=int, default=16, help="ppo / grpo: prompts per iteration")
     parser.add_argument("--group-size", type=int, default=4,
                         help="ppo / grpo: samples per prompt (GRPO's group)")
@@ -150,6 +157,10 @@ def run_demo(args: argparse.Namespace) -> int:
     algo = _opt(args, "algo")
     if algo == "dpo":
         return _run_dpo(args)
+    if algo == "loop":
+        from rlhf.loop_demo import run_loop_demo
+
+        return run_loop_demo(args)
     return _run_rl(args, algo)
 
 

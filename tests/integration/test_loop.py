@@ -33,6 +33,8 @@ from rlhf_client.redis_conn import connect
 from rlhf_client.registry import Registry
 from trainer_helpers import celery_keys, unique, wait_for, worker_starter
 
+from rlhf.loop_demo import MAX_NEW_TOKENS, SAMPLES_PER_PROMPT, banana_loop_spec, banana_prompts
+from rlhf.loop_demo import TRAIN as TRAIN_OPTIONS
 from rlhf.models.probes import compute_probes
 from rlhf.models.store import ModelStore
 from rlhf.trainer.jobs import JobRejected, loop_child_id, loop_stream, parse_spec
@@ -40,16 +42,12 @@ from rlhf.trainer.loop import plot_loop, read_loop
 
 REDIS_URL = f"{TEST_REDIS}/9"  # this module's own database (registry, loops, a worker's broker)
 ROUNDS = 3
-N = 16
-MAX_NEW = 8
-# Each round: 80 prompts × 16 samples, one best-vs-worst pair per prompt, DPO with RPO's NLL term
-# on the chosen responses. The tiny policy's random samples give the reward model little to tell
-# apart: plain sigmoid DPO mostly pushes the rejected ones down and the held-out reward wanders;
-# with the NLL term, and best-of-16, it rises every round. Measured with sampling seeds 3, 4, 7
-# and 11: held-out mean reward (20 prompts × 8 samples) −1.60 → −1.14…−1.24 → −0.52…−0.96 →
-# −0.06…+0.91 (the smallest rise of a round 0.28), 12–14 s for the three rounds.
-TRAIN = {"learning_rate": 2e-3, "beta": 0.1, "rpo_alpha": 1.0, "batch_size": 16,
-         "max_length": 48, "epochs": 4, "eval_fraction": 0.0}
+# The demo's loop (`rlhf demo --algo loop`, rlhf.loop_demo): each round 80 prompts × 16 samples,
+# one best-vs-worst pair per prompt, DPO with RPO's NLL term on the chosen responses. Measured
+# with sampling seeds 3, 4, 7 and 11: held-out mean reward (20 prompts × 8 samples) −1.60 →
+# −1.14…−1.24 → −0.52…−0.96 → −0.06…+0.91 (the smallest rise of a round 0.28), 12–14 s for the
+# three rounds.
+N, MAX_NEW, TRAIN = SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TRAIN_OPTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,31 +111,13 @@ def followed_policy(models, r, name: str):
         yield app.target
 
 
-def banana_prompts() -> tuple[list[str], list[str]]:
-    """The banana task's prompts ("<name> asked about the <noun>:", 100 of them), split into
-    training and held-out prompts."""
-    from rlhf.demo import NAMES, NOUNS
-
-    prompts = [f"{a} asked about the {b}:" for a in NAMES for b in NOUNS]
-    held = prompts[3::5]
-    return [p for p in prompts if p not in held], held
-
-
 TRAIN_PROMPTS, HELD_OUT = banana_prompts()
 
 
 def loop_spec(name: str, policy: str, services, **over) -> dict:
-    spec = {
-        "type": "iterate", "job_id": unique("loop"), "model_name": name, "policy": policy,
-        "reference": services["reference"], "rounds": ROUNDS,
-        "labeller": {"type": "reward", "target": services["reward"]},
-        "prompts": {"texts": TRAIN_PROMPTS}, 
-        "held_out": {"prompts": {"texts": HELD_OUT}, "n": 8},
-        "sampling": {"n": N, "max_new_tokens": MAX_NEW, "seed": 3},
-        "pairs": {"builder": "best_vs_worst"}, "train": dict(TRAIN), "swap_timeout_s": 120,
-    }
-    spec.update(over)
-    return spec
+    return banana_loop_spec(name, policy=policy, reward=services["reward"],
+                            reference=services["reference"],
+                            **{"rounds": ROUNDS, "job_id": unique("loop"), **over})
 
 
 def settings_for(models, tmp_path, **over):

@@ -60,3 +60,24 @@ def test_the_loop_raises_the_score_of_fresh_samples_with_bounded_kl(algo, tmp_pa
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-3)  # sampled from the reference itself
     assert max(r["kl"] for r in rows) < KL_BOUND, [round(r["kl"], 2) for r in rows]
     assert res.plot.is_file() and res.plot.stat().st_size > 10_000
+
+
+def test_the_demo_loop_runs_online_dpo_rounds_through_the_worker(tmp_path):
+    """`rlhf demo --algo loop`: one `iterate` job on the demo's stack (its Celery worker runs the
+    loop and, inside it, each round's DPO job); exit 0 means the last round's held-out mean
+    reward beat round 0's."""
+    from rlhf_client import TrainingClient
+
+    from rlhf.loop_demo import run_loop_demo
+
+    args = argparse.Namespace(workdir=tmp_path, redis_url=REDIS_URL, iterations=2)
+    assert run_loop_demo(args, timeout_s=600) == 0
+    [png] = tmp_path.glob("run-*/demo-loop.png")
+    assert png.stat().st_size > 10_000
+    with TrainingClient(REDIS_URL) as training:
+        jobs = {j.id: j for j in training.jobs(limit=200)}
+    [loop] = [j for j in jobs.values() if j.type == "iterate"]
+    assert loop.status == "succeeded"
+    for k in (1, 2):  # each round's DPO job ran once, under the loop's fixed child id
+        child = jobs[f"{loop.id}-r{k}-dpo"]
+        assert child.status == "succeeded" and child.attempts == 1
