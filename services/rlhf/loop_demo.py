@@ -71,9 +71,9 @@ def run_loop_demo(args: argparse.Namespace, *, console=None, timeout_s: float = 
                                 reference=st.reference.target, rounds=rounds)
         with TrainingClient(st.redis_url) as training:
             loop_id = training.submit_loop(**spec)
-        console.print(f"[green]✓[/] loop {loop_id} submitted: {rounds} rounds of [sample "
-                      f"{SAMPLES_PER_PROMPT} per prompt → reward model → best vs worst → DPO → "
-                      "activate → swap → evaluate]")
+        console.print(f"[green]✓[/] loop {loop_id} submitted: {rounds} rounds of "
+                      f"{SAMPLES_PER_PROMPT} samples per prompt → reward model → best vs worst → "
+                      "DPO → activate → swap → evaluate")
         r = connect(st.redis_url, decode_responses=True)
         try:
             t0 = time.monotonic()
