@@ -177,7 +177,6 @@ def test_round_records_parse_typed():
 
 
 def test_a_yaml_spec_file_with_overrides(tmp_path):
-    pytest.importorskip("yaml")
     from rlhf.trainer.loop_cli import SpecFileError, load_spec_file
 
     path = tmp_path / "loop.yaml"

@@ -61,13 +61,9 @@ class SpecFileError(ValueError):
 
 
 def _parse_value(text: str) -> Any:
-    try:
-        import yaml
-    except ImportError:  # PyYAML is optional: JSON values, else text
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
+    """A `--set` value: read as YAML (numbers, booleans, lists ...), as text when it is not."""
+    import yaml
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -75,7 +71,10 @@ def _parse_value(text: str) -> Any:
 
 
 def load_spec_file(path: Path, overrides: list[str]) -> dict[str, Any]:
-    """The spec in `path` (JSON, or YAML when PyYAML is installed) with `overrides` applied."""
+    """The spec in `path` (JSON, or YAML: PyYAML comes with the `train` extra) with `overrides`
+    applied."""
+    import yaml
+
     try:
         text = path.read_text()
     except OSError as exc:
@@ -86,11 +85,6 @@ def load_spec_file(path: Path, overrides: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise SpecFileError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
     else:
-        try:
-            import yaml
-        except ImportError:
-            raise SpecFileError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or "
-                                "give the spec as a .json file") from None
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
