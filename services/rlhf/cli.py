@@ -141,14 +141,10 @@ def _add_rollout_parser(sub) -> None:
                     help="registry name the policy follows (default: none, unless the policy says "
                     "it follows one); "
                     "samples of a version that is no longer active are discarded and regenerated")
-    src = ro.add_mutually_exclusive_group()
-    src.add_argument("--prompts-stream", metavar="STREAM", default=None,
-                     help="read RolloutPrompts from this stream (the default source: "
-                     "rlhf:queue:prompts)")
-    src.add_argument("--prompts-file", type=Path, metavar="JSONL", default=None,
-                     help='JSONL rows {"id": ..., "prompt": "..."}; sample ids derive from the ids')
-    src.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", default=None,
-                     help="a prompt (repeatable)")
+    add_prompt_source_flags(
+        ro, stream="read RolloutPrompts from this stream (the default source: rlhf:queue:prompts)",
+        file='JSONL rows {"id": ..., "prompt": "..."}; sample ids derive from the ids',
+        prompt="a prompt (repeatable)")
     ro.add_argument("--group", default=None, help="consumer group on the prompts stream (rollout)")
     ro.add_argument("--consumer", default=None, help="consumer name (default host-pid-random)")
     ro.add_argument("--samples-stream", default=None, help="where ScoredSamples go "
@@ -164,6 +160,17 @@ def _add_rollout_parser(sub) -> None:
     ro.add_argument("--rpc-timeout", type=float, default=120.0, help="deadline of each RPC (s)")
     _add(ro, _ROLLOUT_SETTINGS_FLAGS)
     _add_debug(ro)
+
+
+def add_prompt_source_flags(parser: argparse.ArgumentParser, *, stream: str, file: str,
+                            prompt: str) -> None:
+    """Where prompts come from, one of: `--prompts-stream STREAM`, `--prompts-file JSONL`,
+    `--prompt TEXT` (repeatable; dest `prompts`), with these help texts."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--prompts-stream", metavar="STREAM", default=None, help=stream)
+    src.add_argument("--prompts-file", type=Path, metavar="JSONL", default=None, help=file)
+    src.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", default=None,
+                     help=prompt)
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:

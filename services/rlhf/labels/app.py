@@ -42,6 +42,7 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from prometheus_client import Counter
 from rlhf_client import RpcError, SamplingParams
 from rlhf_client.queues import PREFERENCES_STREAM
 from rlhf_client.redis_conn import connect, connect_async
@@ -68,8 +69,6 @@ from rlhf.labels.items import (
 from rlhf.labels.record import Ledger, Pending, Result, VoteError, redis_blip
 from rlhf.labels.votes import VOTES_STREAM, read_votes
 from rlhf.serving.interceptors import REQUEST_ID
-from prometheus_client import Counter
-
 from rlhf.serving.metrics import HTTP_COUNT, HTTP_LATENCY
 from rlhf.serving.server import bind_problem, check_bindable
 
@@ -677,6 +676,8 @@ SETTINGS_FLAGS: list[tuple[tuple[str, ...], dict]] = [
 
 def add_serve_labels_parser(serve_sub) -> argparse.ArgumentParser:
     """`rlhf serve labels` (registered by rlhf.cli)."""
+    from rlhf.cli import add_prompt_source_flags
+
     p = serve_sub.add_parser(
         "labels", help="the Arena-style labelling web app (votes → preference pairs)",
         description="Show annotators a prompt and responses generated live by the PolicyService "
@@ -692,14 +693,11 @@ def add_serve_labels_parser(serve_sub) -> argparse.ArgumentParser:
                    help="HTTP port of the app (0: any free one)")
     p.add_argument("--responses", type=int, default=2,
                    help="responses per item: 2 compares A/B; more ranks them (ties allowed)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompts-stream", metavar="STREAM", default=None,
-                     help="draw prompts from the newest RolloutPrompts of this stream "
-                     "(read only; e.g. rlhf:queue:prompts)")
-    src.add_argument("--prompts-file", type=Path, metavar="JSONL", default=None,
-                     help='draw prompts from a JSONL file of {"id": ..., "prompt": "..."} rows')
-    src.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", default=None,
-                     help="a prompt (repeatable); annotators can always type their own")
+    add_prompt_source_flags(
+        p, stream="draw prompts from the newest RolloutPrompts of this stream (read only; e.g. "
+        "rlhf:queue:prompts)",
+        file='draw prompts from a JSONL file of {"id": ..., "prompt": "..."} rows',
+        prompt="a prompt (repeatable); annotators can always type their own")
     p.add_argument("--prompts-window", type=int, default=1000,
                    help="--prompts-stream: how many of the newest prompts to draw from")
     p.add_argument("--stream", default=PREFERENCES_STREAM,
