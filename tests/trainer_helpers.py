@@ -6,6 +6,7 @@ names inside them, and delete every key they made.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -71,6 +72,19 @@ def wait_for(cond: Callable[[], object], *, timeout: float, what: str, interval:
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(cond: Callable[[], object], *, timeout: float, what: str,
+                interval: float = 0.05):
+    """`wait_for` on an event loop: the pause between polls lets the loop run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def write_jsonl(path: Path, rows) -> Path:

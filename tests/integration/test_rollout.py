@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import redis
 from helpers import TEST_REDIS, ThreadedApp, make_settings
-from trainer_helpers import delete_matching, forget_model, unique, wait_for
+from trainer_helpers import delete_matching, forget_model, unique, until, wait_for
 
 from rlhf_client import (
     AsyncPolicyClient,
@@ -136,18 +136,6 @@ def keys(r):
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-
-
-async def until(cond, *, timeout: float, what: str, interval: float = 0.05):
-    """Poll `cond` on the event loop until truthy (returned); AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def samples_in(r, stream: str) -> list[samples_pb2.ScoredSample]:
