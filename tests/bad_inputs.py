@@ -1,7 +1,8 @@
-"""The foundation issue's bad generate inputs, shared by every policy backend's tests.
+"""The bad inputs of every service, shared by their tests and the field-violation tests.
 
-Each entry: (name, kwargs for `PolicyClient.generate`, substring naming the field in the error).
-`{long}` and `{vocab}` placeholders are filled per model by `bad_generate_inputs(info)`.
+Generate entries: (name, kwargs for `PolicyClient.generate`, substring naming the field in the
+error), shared by every policy backend's tests. Score, compare and log-prob entries name the
+field exactly: the path in the proto request the error (and its field violation) starts with.
 """
 
 from __future__ import annotations
@@ -36,4 +37,42 @@ def bad_generate_inputs(max_context: int, vocab_size: int, max_new_tokens_limit:
          "stop_token_ids"),
         ("min over max", dict(prompts=ok, params=SamplingParams(max_new_tokens=4, min_new_tokens=8)),
          "min_new_tokens"),
+    ]
+
+
+def bad_score_inputs(max_context: int, vocab: int):
+    """(name, items for `RewardClient.score`, field)."""
+    long_text = "cat " * (max_context + 10)
+    return [
+        ("no items", [], "items"),
+        ("empty text response", [("hi", "fine"), ("hi", "")], "items[1].text.response"),
+        ("empty token response", [([5, 6], [])], "items[0].tokens.response_ids"),
+        ("text over context", [("hi", long_text)], "items[0].text"),
+        ("tokens over context", [([5] * max_context, [6])], "items[0].tokens"),
+        ("response id over vocab", [([5], [6, vocab])], "items[0].tokens.response_ids[1]"),
+        ("prompt id negative", [([5, -1], [6])], "items[0].tokens.prompt_ids[1]"),
+    ]
+
+
+def bad_compare_inputs(max_context: int, vocab: int):
+    """(args for `RewardClient.compare`, field)."""
+    return [
+        (("hi", "", "b"), "response_a"),
+        (("hi", "a", ""), "response_b"),
+        (([5], [6], []), "response_b_ids.ids"),
+        (([5], [6, vocab + 3], [7]), "response_a_ids.ids[1]"),
+        (([5] * max_context, [6], [7]), "response_a_ids.ids"),
+    ]
+
+
+def bad_logprobs_inputs(max_context: int, vocab: int):
+    """(items for `ReferenceClient.logprobs`, field)."""
+    return [
+        ([], "items"),
+        ([([5], [6]), ([], [6])], "items[1].prompt_ids"),
+        ([([5], [])], "items[0].completion_ids"),
+        ([([5] * max_context, [6])], "items[0]"),
+        ([([5], [6] * max_context)], "items[0]"),
+        ([([5], [6, 7, vocab])], "items[0].completion_ids[2]"),
+        ([([5, -4], [6])], "items[0].prompt_ids[1]"),
     ]

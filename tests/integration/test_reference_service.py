@@ -14,6 +14,7 @@ import shutil
 
 import grpc
 import pytest
+from bad_inputs import bad_logprobs_inputs
 from helpers import ADMIN_TOKEN, make_settings, running, teacher_forced_logprobs
 
 from rlhf_client import AsyncReferenceClient, ReferenceClient, RpcError
@@ -143,17 +144,8 @@ async def expect_status(coro, code, field=None):
 
 async def test_bad_inputs_are_invalid_argument_naming_the_field(client):
     info = await client.get_model()
-    ctx, vocab = info.max_context, info.vocab_size
-    bad = [
-        ([], "items"),
-        ([([5], [6]), ([], [6])], "items[1].prompt_ids"),
-        ([([5], [])], "items[0].completion_ids"),
-        ([([5] * ctx, [6])], "items[0]"),
-        ([([5], [6] * ctx)], "items[0]"),
-        ([([5], [6, 7, vocab])], "items[0].completion_ids[2]"),
-        ([([5, -4], [6])], "items[0].prompt_ids[1]"),
-    ]
-    for items, field in bad:
+    vocab = info.vocab_size
+    for items, field in bad_logprobs_inputs(info.max_context, vocab):
         await expect_status(client.logprobs(items), grpc.StatusCode.INVALID_ARGUMENT, field)
     await expect_status(client.logprobs([([5], [6])] * 65), grpc.StatusCode.RESOURCE_EXHAUSTED)
     # a bad request among concurrent good ones fails alone

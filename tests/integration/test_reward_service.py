@@ -17,6 +17,7 @@ import urllib.request
 
 import grpc
 import pytest
+from bad_inputs import bad_compare_inputs, bad_score_inputs
 from helpers import ADMIN_TOKEN, make_settings, running
 
 from rlhf_client import AsyncRewardClient, RewardClient, RpcError
@@ -198,19 +199,6 @@ async def test_32_concurrent_callers_get_what_one_at_a_time_gets(client, server)
 # ------------------------------------------------------------------------------------------------
 
 
-def bad_score_inputs(max_context: int, vocab: int):
-    long_text = "cat " * (max_context + 10)
-    return [
-        ("no items", [], "items"),
-        ("empty text response", [("hi", "fine"), ("hi", "")], "items[1].text.response"),
-        ("empty token response", [([5, 6], [])], "items[0].tokens.response_ids"),
-        ("text over context", [("hi", long_text)], "items[0].text"),
-        ("tokens over context", [([5] * max_context, [6])], "items[0].tokens"),
-        ("response id over vocab", [([5], [6, vocab])], "items[0].tokens.response_ids[1]"),
-        ("prompt id negative", [([5, -1], [6])], "items[0].tokens.prompt_ids[1]"),
-    ]
-
-
 async def expect_status(coro, code, field=None):
     with pytest.raises(RpcError) as err:
         await coro
@@ -224,14 +212,7 @@ async def test_bad_inputs_are_invalid_argument_naming_the_field(client, target):
     info = await client.get_model()
     for name, items, field in bad_score_inputs(info.max_context, info.vocab_size):
         await expect_status(client.score(items), grpc.StatusCode.INVALID_ARGUMENT, field)
-    bad_compares = [
-        (("hi", "", "b"), "response_a"),
-        (("hi", "a", ""), "response_b"),
-        (([5], [6], []), "response_b_ids.ids"),
-        (([5], [6, info.vocab_size + 3], [7]), "response_a_ids.ids[1]"),
-        (([5] * info.max_context, [6], [7]), "response_a_ids.ids"),
-    ]
-    for args, field in bad_compares:
+    for args, field in bad_compare_inputs(info.max_context, info.vocab_size):
         await expect_status(client.compare(*args), grpc.StatusCode.INVALID_ARGUMENT, field)
     # raw messages the typed client never builds: an item with neither form, text mixed with ids
     from rlhfpb.v1 import common_pb2, reward_pb2, reward_pb2_grpc

@@ -96,8 +96,8 @@ def _bad(param: str | None, message: str) -> HttpError:
 def from_service_error(exc: ServiceError, *, chat: bool = False, max_tokens_name: str = "max_tokens") -> HttpError:
     """The HTTP status and OpenAI parameter of a generator error (the gRPC code's mapping)."""
     if isinstance(exc, InvalidArgument):
-        return _bad(openai_param(exc.field, chat=chat, max_tokens_name=max_tokens_name),
-                    exc.message.split(": ", 1)[-1])
+        field, problem = exc.violations[0]  # OpenAI's schema names one `param`
+        return _bad(openai_param(field, chat=chat, max_tokens_name=max_tokens_name), problem)
     status = {ResourceExhausted: 429, Unavailable: 503, FailedPrecondition: 409, NotFound: 404,
               Unauthenticated: 401, Cancelled: 499}.get(type(exc), 500)
     code = {429: "rate_limit_exceeded", 503: "unavailable", 409: "failed_precondition"}.get(status)

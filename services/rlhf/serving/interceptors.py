@@ -1,8 +1,10 @@
-"""One server interceptor: request id, bearer-token auth, error → status mapping, metrics.
+"""One server interceptor: request id, bearer-token auth, error → status mapping, metrics, and
+the RPC's server span while tracing is on (rlhf.tracing).
 
 Health and reflection RPCs pass without a token (Kubernetes probes carry none). Data RPCs need
 the auth token when one is set; admin RPCs always need the admin token (none set: refused).
-A `ServiceError` becomes its status; any other exception is a bug, logged with the request id
+A `ServiceError` becomes its status (INVALID_ARGUMENT with `google.rpc.BadRequest` field
+violations in `grpc-status-details-bin`); any other exception is a bug, logged with the request id
 and reported as INTERNAL — never UNKNOWN.
 """
 
@@ -18,8 +20,9 @@ from typing import Awaitable, Callable, Iterable
 
 import grpc
 
-from rlhf.errors import ServiceError
+from rlhf.errors import ServiceError, Unauthenticated, status_of_error
 from rlhf.serving.metrics import RPC_COUNT, RPC_LATENCY
+from rlhf.tracing import rpc_code, server_traced
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +87,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         def observe(code: grpc.StatusCode, started: float) -> None:
             RPC_COUNT.labels(self._label, short, code.name).inc()
             RPC_LATENCY.labels(self._label, short, code.name).observe(time.perf_counter() - started)
+            rpc_code(code)  # on the RPC's server span, while tracing is on
 
         async def guard(context: grpc.aio.ServicerContext) -> None:
             REQUEST_ID.set(request_id)
             context.set_trailing_metadata((("x-request-id", request_id),))  # cheap: no extra frame
             if auth_error is not None:
-                raise _AuthFailure(auth_error)
+                raise Unauthenticated(auth_error)
 
         async def fail(context, exc: BaseException, started: float):
-            if isinstance(exc, _AuthFailure):
-                code, message = grpc.StatusCode.UNAUTHENTICATED, str(exc)
-            elif isinstance(exc, ServiceError):
-                code, message = exc.code, exc.message
-            else:
+            if not isinstance(exc, ServiceError):
                 log.exception("bug: unhandled error in %s (request %s)", method, request_id)
-                code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-            observe(code, started)
-            await context.abort(code, message, trailing_metadata=(("x-request-id", request_id),))
+                exc = ServiceError(f"internal error (request id {request_id})")  # INTERNAL
+            observe(exc.code, started)
+            # the one abort: INVALID_ARGUMENT carries its google.rpc.BadRequest field violations
+            await context.abort_with_status(
+                status_of_error(exc, trailing_metadata=(("x-request-id", request_id),)))
 
         if handler.unary_unary is not None:
             behavior: Callable[..., Awaitable] = handler.unary_unary
@@ -122,7 +124,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
+                server_traced(unary_unary, method, metadata, request_id),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -147,12 +149,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     observe(grpc.StatusCode.OK, started)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
+                server_traced(unary_stream, method, metadata, request_id),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # client/bidi streaming: none in this contract
-
-
-class _AuthFailure(Exception):
-    pass

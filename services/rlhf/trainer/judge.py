@@ -69,7 +69,7 @@ MIN_RESPONSE_CHARS = 16
 _PLACEHOLDER_RE = re.compile(r"\{(prompt|response_a|response_b)\}")
 _SETTINGS = ("answers", "max_response_chars")
 # The PolicyService's refusal of a prompt longer than its model's context (rlhf.policy.generator).
-_CONTEXT_ERROR = re.compile(r"prompts\[(\d+)\]\.text: prompt has \d+ tokens; the model's context is")
+_PROMPT_TEXT_FIELD = re.compile(r"prompts\[(\d+)\]\.text")  # a field violation over the context
 
 
 class JudgeError(ValueError):
@@ -276,10 +276,12 @@ class AIJudge:
                 res = self.policy.generate(prompts, params, timeout=self.timeout)
                 break
             except RpcError as err:
-                over = _CONTEXT_ERROR.match(err.details or "")
+                over = next((int(m.group(1)) for field, problem in err.field_violations
+                             if (m := _PROMPT_TEXT_FIELD.fullmatch(field)) and "the model's context" in problem),
+                            None)
                 if err.code != grpc.StatusCode.INVALID_ARGUMENT or over is None:
                     raise
-                k = int(over.group(1)) // 2  # two prompts per comparison
+                k = over // 2  # two prompts per comparison
                 if limits[k] <= MIN_RESPONSE_CHARS:
                     raise JudgeError(
                         f"the judge's prompt does not fit its model's context even with the "

@@ -609,9 +609,9 @@ class HFEngine:
     def _admit(self, samples: Sequence[SampleSpec], params: SamplingConfig) -> _Request:
         if not self._serving:
             raise Unavailable("the policy engine is not serving")
-        for k, spec in enumerate(samples):
+        for spec in samples:
             if not spec.prompt_ids:
-                raise InvalidArgument(f"samples[{k}].prompt_ids", "empty prompt")
+                raise InvalidArgument(f"prompts[{spec.prompt_index}]", "empty prompt")
         loaded = self._current  # pinned: all of this request runs on this model
         request = _Request(params, loaded, asyncio.Queue())
         self._requests.add(request)

@@ -599,9 +599,9 @@ class VLLMEngine:
         """
         if not self._serving:
             raise Unavailable("the policy engine is not serving")
-        for k, spec in enumerate(samples):
+        for spec in samples:
             if not spec.prompt_ids:
-                raise InvalidArgument(f"samples[{k}].prompt_ids", "empty prompt")
+                raise InvalidArgument(f"prompts[{spec.prompt_index}]", "empty prompt")
         while not self._open.is_set():  # an in-place swap is waiting for calls or running
             await self._open.wait()
         if not self._serving:
