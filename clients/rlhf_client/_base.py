@@ -1,4 +1,5 @@
-"""Call mechanics shared by every client: deadline, request id, token, error wrapping."""
+"""Call mechanics shared by every client: deadline, request id, token, error wrapping, and a
+client span per call when tracing is on (`rlhf_client.tracing`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import grpc
 
+from rlhf_client import tracing
 from rlhf_client.channel import DEFAULT_TIMEOUT_S, aio_channel, call_metadata, sync_channel
 from rlhf_client.errors import RpcError
 
@@ -23,17 +25,19 @@ class SyncBase:
 
     def _unary(self, rpc, request, *, timeout=None, request_id=None, admin=False) -> Any:
         md, rid = call_metadata(self.admin_token if admin else self.token, request_id)
-        try:
-            return rpc(request, timeout=timeout or self.timeout, metadata=md)
-        except grpc.RpcError as err:
-            raise RpcError.wrap(err, rid) from None
+        with tracing.rpc_span(rpc, md) as md:
+            try:
+                return rpc(request, timeout=timeout or self.timeout, metadata=md)
+            except grpc.RpcError as err:
+                raise RpcError.wrap(err, rid) from None
 
     def _stream(self, rpc, request, *, timeout=None, request_id=None) -> Iterator[Any]:
         md, rid = call_metadata(self.token, request_id)
-        try:
-            yield from rpc(request, timeout=timeout or self.timeout, metadata=md)
-        except grpc.RpcError as err:
-            raise RpcError.wrap(err, rid) from None
+        with tracing.rpc_span(rpc, md) as md:
+            try:
+                yield from rpc(request, timeout=timeout or self.timeout, metadata=md)
+            except grpc.RpcError as err:
+                raise RpcError.wrap(err, rid) from None
 
     def close(self) -> None:
         if self._own_channel:
@@ -59,21 +63,23 @@ class AsyncBase:
 
     async def _unary(self, rpc, request, *, timeout=None, request_id=None, admin=False) -> Any:
         md, rid = call_metadata(self.admin_token if admin else self.token, request_id)
-        try:
-            return await rpc(request, timeout=timeout or self.timeout, metadata=md)
-        except grpc.RpcError as err:
-            raise RpcError.wrap(err, rid) from None
+        with tracing.rpc_span(rpc, md) as md:
+            try:
+                return await rpc(request, timeout=timeout or self.timeout, metadata=md)
+            except grpc.RpcError as err:
+                raise RpcError.wrap(err, rid) from None
 
     async def _stream(self, rpc, request, *, timeout=None, request_id=None) -> AsyncIterator[Any]:
         md, rid = call_metadata(self.token, request_id)
-        call = rpc(request, timeout=timeout or self.timeout, metadata=md)
-        try:
-            async for item in call:
-                yield item
-        except grpc.RpcError as err:
-            raise RpcError.wrap(err, rid) from None
-        finally:
-            call.cancel()  # no-op when finished; aborts the server-side work when we stop early
+        with tracing.rpc_span(rpc, md) as md:
+            call = rpc(request, timeout=timeout or self.timeout, metadata=md)
+            try:
+                async for item in call:
+                    yield item
+            except grpc.RpcError as err:
+                raise RpcError.wrap(err, rid) from None
+            finally:
+                call.cancel()  # no-op when finished; aborts the server-side work when we stop early
 
     async def close(self) -> None:
         if self._own_channel:

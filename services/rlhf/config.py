@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     )
     reflection: bool = Field(True, description="Serve gRPC server reflection.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    otel: bool = Field(
+        False, description="OpenTelemetry tracing (the otel extra): spans go over OTLP/gRPC to "
+        "the collector the standard OTEL_EXPORTER_OTLP_* variables name (rlhf.tracing).",
+    )
 
     # --- auth ----------------------------------------------------------------------------------
     auth_token: SecretStr | None = Field(

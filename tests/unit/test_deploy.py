@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -35,6 +36,7 @@ K8S = REPO / "deploy" / "k8s"
 BASE = K8S / "base"
 OVERLAYS = ("cpu", "gpu")
 KUSTOMIZATIONS = ("base", *(f"overlays/{o}" for o in OVERLAYS))
+MONITORING = K8S / "components" / "monitoring"  # opt-in: Prometheus Operator custom resources
 K8S_VERSIONS = ("1.30", "1.31", "1.32", "1.33", "1.34")
 
 RLHF_IMAGES = ("ghcr.io/rlhf/rlhf-cpu", "ghcr.io/rlhf/rlhf-gpu")
@@ -74,14 +76,31 @@ def kubectl() -> str:
 
 @functools.lru_cache(maxsize=None)
 def render(kustomization: str) -> tuple[dict, ...]:
+    return _kustomize(K8S / kustomization, kustomization)
+
+
+@functools.lru_cache(maxsize=None)
+def render_with_monitoring(kustomization: str) -> tuple[dict, ...]:
+    """`kustomization` with the monitoring component added, as an overlay of one's own adds it."""
+    with tempfile.TemporaryDirectory() as d:
+        rel = Path(os.path.relpath(K8S, d))  # kustomize takes relative paths only
+        (Path(d) / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [str(rel / kustomization)],
+            "components": [str(rel / MONITORING.relative_to(K8S))],
+        }))
+        return _kustomize(Path(d), f"{kustomization} + components/monitoring")
+
+
+def _kustomize(path: Path, what: str) -> tuple[dict, ...]:
     proc = subprocess.run(
-        [kubectl(), "kustomize", str(K8S / kustomization)],
+        [kubectl(), "kustomize", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     if proc.returncode != 0:
-        pytest.fail(f"kubectl kustomize {kustomization} failed:\n{proc.stderr}")
+        pytest.fail(f"kubectl kustomize {what} failed:\n{proc.stderr}")
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
@@ -795,6 +814,98 @@ def test_base_services_follow_the_registry():
         if component(workload) in MODEL_SERVICES:
             settings = settings_of("base", c)
             assert settings.model_name == component(workload) and settings.model_dir is None
+
+
+# --- monitoring (opt-in component) ---------------------------------------------------------------
+
+MONITORING_KINDS = {"PodMonitor", "PrometheusRule"}
+_DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+
+
+def _key(obj: dict) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_monitoring_is_an_opt_in_component_that_only_adds(kustomization):
+    """The plain base and overlays need no Prometheus Operator CRDs; adding the component adds
+    its two objects and changes nothing else."""
+    plain = render(kustomization)
+    assert not [o for o in plain if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    monitored = render_with_monitoring(kustomization)
+    added = [o for o in monitored if _key(o) not in {_key(p) for p in plain}]
+    assert sorted(_key(o) for o in added) == [("PodMonitor", "rlhf"), ("PrometheusRule", "rlhf")]
+    assert [o for o in monitored if o not in added] == list(plain)
+    for obj in added:
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+        assert obj["metadata"]["namespace"] == "rlhf"
+        labels = obj["metadata"]["labels"]
+        assert all(k in labels for k in LABELS) and labels["app.kubernetes.io/part-of"] == "rlhf"
+
+
+def test_monitoring_component_layout():
+    text = (MONITORING / "kustomization.yaml").read_text()
+    assert text.startswith("# components/monitoring:"), "header comment: the component's purpose"
+    component = yaml.safe_load(text)
+    assert (component["apiVersion"], component["kind"]) == (
+        "kustomize.config.k8s.io/v1alpha1", "Component")
+    on_disk = sorted(p.name for p in MONITORING.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(component["resources"]) == on_disk
+    for name in on_disk:
+        (obj,) = [d for d in yaml.safe_load_all((MONITORING / name).read_text()) if d]
+        assert name == f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml", name
+        assert obj["kind"] in MONITORING_KINDS
+
+
+def test_prometheus_rule_has_the_custom_resource_s_shape():
+    """kubernetes-validate knows no CRD: the PrometheusRule's structure (monitoring.coreos.com/v1,
+    the Prometheus Operator's schema: groups of rules) is checked here."""
+    (rule,) = [o for o in render_with_monitoring("base") if o["kind"] == "PrometheusRule"]
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    groups = rule["spec"]["groups"]
+    assert len({g["name"] for g in groups}) == len(groups), "group names are unique"
+    alerts = []
+    for group in groups:
+        assert set(group) <= {"name", "interval", "rules", "limit", "partial_response_strategy"}
+        assert group["name"].startswith("rlhf.") and group["rules"], group["name"]
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels",
+                              "annotations"}, r
+            assert ("alert" in r) != ("record" in r), r
+            assert isinstance(r["expr"], str) and r["expr"].strip(), r
+            assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
+            assert r["expr"].count("{") == r["expr"].count("}"), r["alert"]
+            for key in ("for", "keep_firing_for"):
+                if key in r:
+                    assert _DURATION.fullmatch(r[key]), f"{r['alert']}: {key} {r[key]!r}"
+            for key in ("labels", "annotations"):
+                assert all(isinstance(k, str) and isinstance(v, str)
+                           for k, v in r.get(key, {}).items()), f"{r['alert']}: {key}"
+            alerts.append(r["alert"])
+    assert len(set(alerts)) == len(alerts), "alert names are unique"
+    assert all(re.fullmatch(r"Rlhf[A-Z][A-Za-z]+", a) for a in alerts), alerts
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_pod_monitor_scrapes_every_rlhf_pod_s_metrics_port(kustomization):
+    (monitor,) = [o for o in render_with_monitoring(kustomization) if o["kind"] == "PodMonitor"]
+    assert set(monitor["spec"]) == {"selector", "podMetricsEndpoints"}
+    selector = monitor["spec"]["selector"]
+    assert set(selector) == {"matchLabels"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    assert _DURATION.fullmatch(endpoint["interval"])
+    for workload in workloads(kustomization):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        selected = selector["matchLabels"].items() <= labels.items()
+        has_metrics = any(p["name"] == endpoint["port"] for _, c in all_containers(workload)
+                          for p in c.get("ports", []))
+        rlhf_pod = any(is_rlhf(c) for c in pod_spec(workload)["containers"])
+        assert selected == rlhf_pod, workload["metadata"]["name"]
+        if rlhf_pod:
+            assert has_metrics, f"{workload['metadata']['name']}: no port {endpoint['port']!r}"
 
 
 # --- Docker images ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 
 from celery.exceptions import Reject
 
+from rlhf.tracing import job_span
 from rlhf.trainer.celery_app import app, get_settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ _TASK_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_
 
 
 def _run(task, spec: dict, job_type: str, work) -> dict:
+    """One delivery of a job, inside its span while tracing is on (rlhf.tracing.job_span)."""
+    with job_span(task, job_type):
+        return _deliver(task, spec, job_type, work)
+
+
+def _deliver(task, spec: dict, job_type: str, work) -> dict:
     from rlhf.trainer.jobs import REDIS_ERRORS, JobRejected, execute, parse_spec
 
     try:
