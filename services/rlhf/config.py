@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     job_record_ttl_s: int = Field(
         30 * 24 * 3600, gt=0, description="How long a finished job's record stays in Redis."
     )
+    job_metrics_maxlen: int = Field(
+        20_000, gt=0,
+        description="Rows a job's history stream (rlhf:job:<id>:metrics, one per progress call) "
+        "keeps: the newest; it expires job_record_ttl_s after its last row.",
+    )
+    job_logging_dir: Path | None = Field(
+        None, description="Root of the TensorBoard logs of jobs with report_to tensorboard and no "
+        "logging_dir of their own (<root>/<job id>); unset: <store_dir>/.runs.",
+    )
     queue_max_deliveries: int = Field(
         5, gt=0, description="A stream entry delivered more often than this is dead-lettered."
     )
