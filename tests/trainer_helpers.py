@@ -256,3 +256,23 @@ def names_fixture(model_prefix: str, stream_prefix: str):
             forget_job(r, job_id)
 
     return names
+
+
+def stream_fixtures(url: str, prefix: str):
+    """Fixtures `(r, stream)`: a bytes client on `url` (the one StreamConsumer wants) and a
+    unique stream name; every key under that name is deleted afterwards. In a test module:
+    `r, stream = stream_fixtures(REDIS_URL, "test:queue")`."""
+
+    @pytest.fixture
+    def r():
+        client = connect(url)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def stream(r):
+        name = unique(prefix)
+        yield name
+        delete_matching(r, f"{name}*")
+
+    return r, stream

@@ -10,6 +10,8 @@ Entry encoding (one stream entry = one payload):
     type   the payload's protobuf full name, e.g. b"rlhfpb.v1.PreferencePair"
     id     the payload's unique id (also inside the payload); the trainer applies each id once
     data   the serialised protobuf message
+    traceparent  (only while tracing is on, `rlhf_client.tracing`) the W3C trace context of the
+           push, which the trainer's read span links to; readers ignore it otherwise
 
 Streams: pairs and rankings go to `PREFERENCES_STREAM` (the reward-model and DPO trainers read
 both kinds), SFT examples to `SFT_STREAM` (the SFT trainer's), scored samples to
@@ -27,6 +29,7 @@ from typing import Union
 
 import redis
 
+from rlhf_client import tracing
 from rlhf_client.redis_conn import connect
 from google.protobuf.message import DecodeError, Message
 from rlhfpb.v1 import samples_pb2
@@ -111,11 +114,15 @@ def validate_payload(msg: Message) -> None:
 def encode_entry(msg: Message) -> dict[bytes, bytes]:
     """The stream entry fields for one payload (validated first)."""
     validate_payload(msg)
-    return {
+    fields = {
         b"type": msg.DESCRIPTOR.full_name.encode(),
         b"id": msg.id.encode(),
         b"data": msg.SerializeToString(),
     }
+    traceparent = tracing.traceparent()  # None while tracing is off
+    if traceparent:
+        fields[tracing.TRACEPARENT_FIELD] = traceparent.encode()
+    return fields
 
 
 def decode_entry(fields: Mapping[bytes, bytes] | None) -> Payload:
@@ -161,7 +168,9 @@ class QueueProducer:
 
     `maxlen` trims each stream to about that many entries (approximate `MAXLEN ~`). Trimming
     drops the oldest entries whether or not a trainer has read them: leave it unset unless the
-    stream's backlog is known to stay far below it.
+    stream's backlog is known to stay far below it. Streams need no bound here: the trainer
+    trims entries once every consumer group has acked them (`stream_retention_s`,
+    `stream_max_entries`; see "Retention" in docs/operations.md), and never unread ones.
     """
 
     def __init__(self, client: redis.Redis, *, maxlen: int | None = None):
@@ -176,9 +185,10 @@ class QueueProducer:
     def push(self, msg: Payload, *, stream: str | None = None) -> str:
         """Push any payload to `stream` (default: the stream for its type)."""
         msg = _stamp(msg)
-        fields = encode_entry(msg)
-        self.r.xadd(stream or DEFAULT_STREAMS[msg.DESCRIPTOR.full_name], fields,
-                    maxlen=self.maxlen, approximate=True)
+        stream = stream or DEFAULT_STREAMS[msg.DESCRIPTOR.full_name]
+        with tracing.producer_span(stream):
+            fields = encode_entry(msg)
+            self.r.xadd(stream, fields, maxlen=self.maxlen, approximate=True)
         return msg.id
 
     def push_pair(self, pair: samples_pb2.PreferencePair | None = None, *, stream: str | None = None,
@@ -219,12 +229,15 @@ class QueueProducer:
                   chunk: int = 500) -> list[str]:
         """Push payloads in pipelined round trips of `chunk`; all are validated before any is sent."""
         stamped = [_stamp(m) for m in messages]
-        encoded = [(m.id, DEFAULT_STREAMS[m.DESCRIPTOR.full_name], encode_entry(m)) for m in stamped]
-        for start in range(0, len(encoded), chunk):
-            pipe = self.r.pipeline(transaction=False)
-            for _, default, fields in encoded[start:start + chunk]:
-                pipe.xadd(stream or default, fields, maxlen=self.maxlen, approximate=True)
-            pipe.execute()
+        with tracing.producer_span(stream or (lambda: ",".join(sorted(
+                {DEFAULT_STREAMS[m.DESCRIPTOR.full_name] for m in stamped}))), count=len(stamped)):
+            encoded = [(m.id, DEFAULT_STREAMS[m.DESCRIPTOR.full_name], encode_entry(m))
+                       for m in stamped]
+            for start in range(0, len(encoded), chunk):
+                pipe = self.r.pipeline(transaction=False)
+                for _, default, fields in encoded[start:start + chunk]:
+                    pipe.xadd(stream or default, fields, maxlen=self.maxlen, approximate=True)
+                pipe.execute()
         return [i for i, _, _ in encoded]
 
     # -------------------------------------------------------------- inspection

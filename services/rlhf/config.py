@@ -140,6 +140,33 @@ class Settings(BaseSettings):
     queue_metrics_interval_s: float = Field(
         15.0, gt=0, description="Worker: seconds between queue-depth metric refreshes."
     )
+    # retention (rlhf.trainer.queues, "Retention"): nothing is trimmed that a group still needs
+    stream_retention_s: float | None = Field(
+        24 * 3600.0, ge=0,
+        description="Stream entries every consumer group has acked are trimmed once older than "
+        "this (by push time; kept meanwhile for audits and re-reads); 0 trims them at once, "
+        "unset keeps them (no age bound).",
+    )
+    stream_max_entries: int | None = Field(
+        100_000, gt=0,
+        description="A stream longer than this loses its oldest acked entries (unread or "
+        "pending ones are kept even past it); unset: no count bound.",
+    )
+    applied_ids_retention_s: float | None = Field(
+        7 * 24 * 3600.0, ge=0,
+        description="A group forgets an applied payload id this long after applying it, once it "
+        "has finished every entry pushed until then: a duplicate pushed later than this after "
+        "the original is applied again. Unset: never forget (the index grows without bound).",
+    )
+    dead_letter_max_entries: int | None = Field(
+        10_000, gt=0,
+        description="Each dead-letter stream keeps this many newest entries; unset: all.",
+    )
+    stream_trim_interval_s: float = Field(
+        60.0, ge=0,
+        description="Worker main process: seconds between trim passes over every stream, dead "
+        "letters and applied indexes (jobs also trim the stream they commit to). 0 disables.",
+    )
     rollout_claim_idle_ms: int = Field(
         30_000, ge=100,
         description="Rollout workers: a prompt pending this long is claimed again (XAUTOCLAIM), by "

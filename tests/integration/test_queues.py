@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import pytest
 import redis
-from rlhf_client.redis_conn import connect
 from rlhf_client import PayloadError, QueueProducer
 from rlhf_client.queues import PREFERENCES_STREAM, SFT_STREAM, dead_letter_stream
 from rlhfpb.v1 import samples_pb2
-from trainer_helpers import REDIS_URL, delete_matching, synthetic_messages, unique, wait_for
+from trainer_helpers import REDIS_URL, stream_fixtures, synthetic_messages, unique, wait_for
 
 from rlhf.serving.metrics import DEAD_LETTER_DEPTH, QUEUE_DEPTH
 from rlhf.trainer.data import check_preference_payload
-from rlhf.trainer.queues import StreamConsumer, applied_key, refresh_queue_metrics, stream_depth
+from rlhf.trainer.queues import StreamConsumer, applied_ids, refresh_queue_metrics, stream_depth
 
 GROUP = "g"
 
 
-@pytest.fixture
-def r():
-    client = connect(REDIS_URL)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def stream(r):
-    name = unique("test:queue")
-    yield name
-    delete_matching(r, f"{name}*")
+r, stream = stream_fixtures(REDIS_URL, "test:queue")
 
 
 @pytest.fixture
@@ -97,7 +85,7 @@ def test_entries_stay_pending_until_commit_then_are_never_applied_again(r, strea
     assert c.depth() == 10
     c.commit(got[:4])
     assert pending(r, stream) == 6 and c.depth() == 6
-    assert r.smembers(applied_key(stream, GROUP)) == {i.encode() for i in ids[:4]}
+    assert applied_ids(r, stream, GROUP) == set(ids[:4])
     # A producer retry (same payload ids) is acked on sight and never handed out again.
     retried = [samples_pb2.PreferencePair(id=i, prompt="q", chosen="a", rejected="b") for i in ids[:4]]
     producer.push_many(retried, stream=stream)
