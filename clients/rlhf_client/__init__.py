@@ -43,7 +43,7 @@ __all__ = [
     "assemble_stream",
 ]
 
-# Queues, training jobs and model versions (Redis only; submitting a job needs rlhf[train]).
+# Queues, training jobs and model versions (Redis only; job specs: rlhf_client.jobspecs).
 from rlhf_client.queues import (  # noqa: E402
     PREFERENCES_STREAM,
     SAMPLES_STREAM,
@@ -53,7 +53,9 @@ from rlhf_client.queues import (  # noqa: E402
 )
 from rlhf_client.registry import Registry, RegistryError  # noqa: E402
 from rlhf_client.training import (  # noqa: E402
+    JobCancelled,
     JobFailed,
+    JobNotCancellable,
     JobNotFound,
     JobRecord,
     ModelsClient,
@@ -61,7 +63,9 @@ from rlhf_client.training import (  # noqa: E402
 )
 
 __all__ += [
+    "JobCancelled",
     "JobFailed",
+    "JobNotCancellable",
     "JobNotFound",
     "JobRecord",
     "ModelsClient",

@@ -244,7 +244,7 @@ def _wait_job(console, training, job_id: str, label: str, alive) -> str:
         while True:
             rec = training.status(job_id)
             bar.update(task, completed=rec.progress or 0.0, stage=rec.status)
-            if rec.status in ("succeeded", "failed"):
+            if rec.done:
                 break
             alive()
             time.sleep(POLL_S)

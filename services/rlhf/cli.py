@@ -1,4 +1,10 @@
-"""The `rlhf` command. Flags that share a name with a setting override it (env: RLHF_<NAME>)."""
+"""The `rlhf` command. Flags that share a name with a setting override it (env: RLHF_<NAME>).
+
+`rlhf jobs` and `rlhf models` are the client's (`rlhf_client.cli`, the base install): `main`
+hands them over before this package's parser is built; their server-side leaves (`jobs reap`,
+`models add-token`, `models import`) and every other command run here. On an install without
+a command's extra (`serve`, `train`), the command says so in one line.
+"""
 
 from __future__ import annotations
 
@@ -88,14 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
             _add(sp, _VLLM_FLAGS)
             _add(sp, _POLICY_FLAGS)
         _add_debug(sp)
-    from rlhf.labels.app import add_serve_labels_parser
-
-    add_serve_labels_parser(serve_sub)  # the labelling web app (its own flags)
+    try:
+        from rlhf.labels.app import add_serve_labels_parser
+    except ImportError:  # the base install: listed; `main` says which extra runs it
+        serve_sub.add_parser("labels", help="the labelling web app (rlhf[serve])")
+    else:
+        add_serve_labels_parser(serve_sub)  # the labelling web app (its own flags)
 
     _add_rollout_parser(sub)
-    from rlhf.trainer.backtracking import add_backtracking_parser
-
-    add_backtracking_parser(sub)
+    try:
+        from rlhf.trainer.backtracking import add_backtracking_parser
+    except ImportError:  # the base install: listed; `main` says which extra runs it
+        sub.add_parser("backtracking", help="the reset-token recipe's data and evaluations "
+                       "(rlhf[serve])")
+    else:
+        add_backtracking_parser(sub)
     from rlhf.labels.cli import add_labels_parser
 
     add_labels_parser(sub)  # rlhf labels leaderboard | agreement | annotators
@@ -221,6 +234,9 @@ def _serve(args) -> int:
         from rlhf.reference.app import make_reference_app as make
     app = None
     try:
+        from rlhf.tracing import setup as setup_tracing
+
+        setup_tracing(settings, args.service)  # off unless RLHF_OTEL
         app = make(settings)
         asyncio.run(app.run_forever())
     except KeyboardInterrupt:
@@ -235,7 +251,6 @@ def _serve(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 _SECRET_FIELDS = ("auth_token", "admin_token", "redis_url")
-_MAX_LINE = 600
 
 
 def _flags() -> dict[str, str]:
@@ -257,33 +272,40 @@ def setting_hint(fields) -> str:
 
 
 def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 1] + "…"
+    from rlhf_client.cli import one_line
+
+    return one_line(text)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line for a failure: a StartupError's cause and settings; otherwise the exception's
-    type and first line."""
+def describe_failure(exc: BaseException, *, redis_url: str | None = None) -> str:
+    """One line for a failure: a StartupError's cause and settings; a failure the client's CLI
+    knows (Redis unreachable, a bad Redis URL, an unknown job / model / version, a missing or
+    unsafe checkpoint directory, ...: `rlhf_client.cli.known_failure`); otherwise the
+    exception's type and first line."""
+    from rlhf_client.cli import known_failure
+
     from rlhf.errors import StartupError
 
     if isinstance(exc, StartupError):
         hint = setting_hint(exc.settings)
         return _one_line(f"{exc.cause} ({hint})" if hint else exc.cause)
-    import redis
-
-    if isinstance(exc, redis.ConnectionError):
-        return _one_line(f"Redis is unreachable ({exc}) ({setting_hint(['redis_url'])})")
+    known = known_failure(exc, redis_url=redis_url)
+    if known is not None:
+        return known[0]
     first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return _one_line(f"{text} (run with --debug for the traceback)")
 
 
-def _report(prog: str, exc: BaseException, debug: bool, *, started: bool = False) -> int:
-    """Print the failure as one line on stderr (after the traceback with --debug); exit code 1."""
+def _report(prog: str, exc: BaseException, debug: bool, *, started: bool = False,
+            redis_url: str | None = None) -> int:
+    """Print the failure as one line on stderr (after the traceback with --debug); exit code 1.
+    `redis_url`: the Redis the command used (named, without credentials, when unreachable)."""
     if debug:
         traceback.print_exception(exc)
     logging.shutdown()  # flush log lines first: the cause is the last line
-    print(f"{prog}: {'failed' if started else 'cannot start'}: {describe_failure(exc)}", file=sys.stderr)
+    print(f"{prog}: {'failed' if started else 'cannot start'}: "
+          f"{describe_failure(exc, redis_url=redis_url)}", file=sys.stderr)
     return 1
 
 
@@ -291,13 +313,19 @@ def _settings_or_exit_code(prog: str, args):
     """The settings, or exit code 2 after one line naming each bad setting."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
+    from rlhf_client.cli import redis_url_problem
 
     try:
-        return settings_from_args(args)
+        settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"{prog}: {describe_validation(exc)}", file=sys.stderr)
     except SettingsError as exc:
         print(f"{prog}: invalid settings: {_one_line(str(exc))}", file=sys.stderr)
+    else:
+        problem = redis_url_problem(settings.redis_url.get_secret_value())
+        if problem is None:
+            return settings
+        print(f"{prog}: {problem}", file=sys.stderr)
     return 2
 
 
@@ -357,17 +385,78 @@ _COMMAND_MODULES: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout}
-    if args.command in ("worker", "worker-probe", "jobs", "models"):
-        return _trainer(args)
-    if args.command in _COMMAND_MODULES:
-        import importlib
+#: What a command needs beyond the base install: an extra, checked by a few of its modules.
+_EXTRA_MODULES = {"serve": ("torch", "transformers", "pydantic_settings", "prometheus_client"),
+                  "train": ("celery",)}
+_TRAIN_COMMANDS = frozenset({"worker", "worker-probe", "demo"})
 
-        module, name = _COMMAND_MODULES[args.command]
-        return getattr(importlib.import_module(module), name)(args)
-    return handlers[args.command](args)
+
+def main(argv: list[str] | None = None) -> int:
+    """`rlhf ...`: `jobs` / `models` go to the client's CLI (no server import), the rest here."""
+    from rlhf_client import cli as client
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # top level: flags only
+    if command in client.GROUPS:
+        return client.main(argv, server=_server_main)
+    return _server_main(argv, command)
+
+
+def _server_main(argv: list[str], command: str | None = None, leaf: str | None = None) -> int:
+    """A command of this package (`leaf`: a server-side leaf of jobs / models). One line and
+    exit 1 when the command's extra is not installed; known failures as one line."""
+    from rlhf_client.cli import SERVER_LEAVES, known_failure
+
+    parser = build_parser()
+    if command in _subcommands(parser) and not {"-h", "--help"} & set(argv):
+        extra = (SERVER_LEAVES[command][leaf][1] if command in SERVER_LEAVES
+                 else "train" if command in _TRAIN_COMMANDS else "serve")
+        missing = _missing_module(extra)
+        if missing is not None:
+            if command == "serve":  # name the service
+                rest = argv[argv.index(command) + 1:]
+                leaf = next((a for a in rest if not a.startswith("-")), None)
+            where = " ".join(x for x in ("rlhf", command, leaf) if x)
+            print(f"{where}: needs the {extra} extra ({missing} is not installed): "
+                  f"pip install 'rlhf[{extra}]'", file=sys.stderr)
+            return 1
+    args = parser.parse_args(argv)
+    handlers = {"tiny-model": _tiny, "serve": _serve, "demo": _demo, "rollout": _rollout}
+    try:
+        if args.command in ("worker", "worker-probe", "jobs", "models"):
+            return _trainer(args)
+        if args.command in _COMMAND_MODULES:
+            import importlib
+
+            module, name = _COMMAND_MODULES[args.command]
+            return getattr(importlib.import_module(module), name)(args)
+        return handlers[args.command](args)
+    except Exception as exc:  # a known cause (Redis away, a bad URL ...) as one line
+        if known_failure(exc) is None:
+            raise
+        return _report(f"rlhf {args.command}", exc, getattr(args, "debug", False), started=True,
+                       redis_url=getattr(args, "redis_url", None))
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:  # noqa: SLF001 - the parser's own subcommand table
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return set(action.choices)
+    return set()
+
+
+def _missing_module(extra: str) -> str | None:
+    """The first module of `extra` (train: and serve's) that is not installed, or None."""
+    import importlib.util
+
+    needs = _EXTRA_MODULES["serve"] + (_EXTRA_MODULES["train"] if extra == "train" else ())
+    for name in needs:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
 
 
 def _rollout(args) -> int:
@@ -410,6 +499,9 @@ def _rollout(args) -> int:
     logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     try:
+        from rlhf.tracing import setup as setup_tracing
+
+        setup_tracing(settings, "rollout")  # off unless RLHF_OTEL
         if settings.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -440,18 +532,20 @@ def _rollout(args) -> int:
 def _trainer(args) -> int:
     from rlhf.trainer.cli import HANDLERS
 
-    prog = f"rlhf {args.command}"
+    leaf = getattr(args, f"{args.command}_command", None)
+    prog = f"rlhf {args.command}" + (f" {leaf}" if leaf else "")
     settings = _settings_or_exit_code(prog, args)
     if isinstance(settings, int):
         return settings
     setup_logging(settings.log_level if args.command == "worker" else "WARNING")
     if args.command != "worker":
-        import redis
-
         try:
             return HANDLERS[args.command](args, settings)
-        except redis.ConnectionError as exc:  # Redis unreachable: one line; anything else raises
-            return _report(prog, exc, False, started=True)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:  # noqa: BLE001 - one line (the traceback with --debug)
+            return _report(prog, exc, getattr(args, "debug", False), started=True,
+                           redis_url=settings.redis_url.get_secret_value())
     logging.getLogger("rlhf").info("settings: %s", json.dumps(settings.redacted(), default=str))
     started = False
     try:

@@ -278,7 +278,7 @@ def _wait_job(st: _Stack, training, job_id: str, label: str):
         while True:
             rec = training.status(job_id)
             bar.update(task, completed=rec.progress or 0.0, stage=rec.status)
-            if rec.status in ("succeeded", "failed"):
+            if rec.done:
                 return rec
             st.check_alive()
             time.sleep(POLL_S)

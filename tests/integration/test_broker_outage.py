@@ -39,7 +39,7 @@ from trainer_helpers import REPO, Worker, push_at_once, synthetic_messages, uniq
 
 from rlhf.models.store import ModelStore
 from rlhf.trainer.celery_app import QUEUE_FOR_TASK
-from rlhf.trainer.queues import applied_key
+from rlhf.trainer.queues import applied_ids
 
 QUEUES = tuple(QUEUE_FOR_TASK.values())
 QUEUE = QUEUE_FOR_TASK["rlhf.train_reward_model"]
@@ -200,7 +200,7 @@ def assert_done_once(rig, job_id: str, pushed: list[str], worker: Worker,
     manifest = store.verify(rig["model"], "v0001")
     used = manifest.extra["applied_ids"] + manifest.extra["eval_ids"]
     assert len(used) == len(set(used)) == len(pushed) and set(used) == set(pushed)
-    assert {m.decode() for m in r.smembers(applied_key(stream, group))} == set(pushed)
+    assert applied_ids(r, stream, group) == set(pushed)
     assert r.xpending(stream, group)["pending"] == 0
     assert r.xlen(f"{stream}:dead") == 0
     assert r.zrange(f"rlhf:model:{rig['model']}:versions", 0, -1) == [b"v0001"]
@@ -327,7 +327,7 @@ def test_the_reaper_requeues_a_job_whose_message_was_lost(rig):
     assert f"job {job_id}: re-queued by the reaper: running at attempt 1" in w.log()
     r = rig["r"]
     assert ModelStore(rig["store"]).versions(rig["model"]) == ["v0001"]
-    assert {m.decode() for m in r.smembers(applied_key(rig["stream"], GROUP))} == set(pushed)
+    assert applied_ids(r, rig["stream"], GROUP) == set(pushed)
     assert r.xpending(rig["stream"], GROUP)["pending"] == 0
     assert w.log().count("re-queued by the reaper") == 1
 

@@ -38,7 +38,7 @@ from rlhf.trainer.dpo import (  # noqa: E402
     train_dpo,
 )
 from rlhf.trainer.jobs import DPOJob, JobRejected, JobStore, execute, parse_spec  # noqa: E402
-from rlhf.trainer.queues import applied_key  # noqa: E402
+from rlhf.trainer.queues import applied_ids  # noqa: E402
 
 TARGET = "banana"
 OTHERS = "apple cherry lemon grape mango melon peach plum pear lime".split()
@@ -305,7 +305,7 @@ def test_an_online_job_trains_on_pushed_pairs_once_and_commits_them(r, names, tm
     assert (len(applied), len(held), len(left)) == (8, 6, 10)  # one step of 8 of the 18
     assert sorted(applied + held + left) == sorted(pushed)
     assert rb.xpending(stream, "dpo")["pending"] == 10  # acked: only what the version used
-    assert r.smembers(applied_key(stream, "dpo")) == set(applied + held)
+    assert applied_ids(r, stream, "dpo") == set(applied + held)
     assert Registry(r).active(names["model"]) == base  # not asked to activate
 
     # A producer retrying pushes an applied id again: it is never trained on twice.
@@ -318,7 +318,7 @@ def test_an_online_job_trains_on_pushed_pairs_once_and_commits_them(r, names, tm
     m2 = ModelStore(settings.store_dir).manifest(names["model"], "v0003")
     assert sorted(m2.extra["applied_ids"]) == sorted(left) and m2.parent == base
     assert rb.xpending(stream, "dpo")["pending"] == 0
-    assert r.smembers(applied_key(stream, "dpo")) == set(pushed)
+    assert applied_ids(r, stream, "dpo") == set(pushed)
 
     job3, out3 = run(names, settings, source=source, max_steps=1)
     assert out3.status == "failed" and "gave 0 usable pairs" in out3.error

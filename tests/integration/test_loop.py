@@ -308,7 +308,7 @@ def test_a_round_waits_for_human_pairs_and_trains_on_them_too(models, services, 
     import threading
 
     from rlhf.demo import synthetic_pairs
-    from rlhf.trainer.queues import applied_key
+    from rlhf.trainer.queues import applied_ids
 
     name = unique("loop-human")
     human_stream = unique("test:loop:human")
@@ -344,7 +344,7 @@ def test_a_round_waits_for_human_pairs_and_trains_on_them_too(models, services, 
     assert set(ids) <= stream_ids and len(stream_ids) == machine + human
     # the human entries are acked in the loop's group and recorded as applied (taken once)
     assert rb.xpending(human_stream, group)["pending"] == 0
-    assert rb.smembers(applied_key(human_stream, group)) == {i.encode() for i in ids}
+    assert applied_ids(rb, human_stream, group) == set(ids)
     rb.close()
     producer.close()
 

@@ -65,7 +65,7 @@ from rlhf.trainer.ppo import (  # noqa: E402
     load_curves,
     train_ppo,
 )
-from rlhf.trainer.queues import applied_key  # noqa: E402
+from rlhf.trainer.queues import applied_ids  # noqa: E402
 
 PROMPTS = ["the cat sat on the", "a good dog", "one two three four", "please pass the red"]
 N = 8  # samples per prompt
@@ -635,7 +635,7 @@ def test_a_ppo_job_on_the_worker_trains_once_on_fresh_samples_and_drops_stale_on
     assert manifest.metrics["critic"] == "policy" and manifest.probes["kind"] == "policy"
     assert len(load_curves(store.path(model, "v0002"))) == 2  # 16 samples, minibatches of 8
     assert r.xpending(stream, "ppo")["pending"] == 0  # everything acked: trained, stale, duplicate
-    assert {m.decode() for m in r.smembers(applied_key(stream, "ppo"))} == {x.id for x in fresh}
+    assert applied_ids(r, stream, "ppo") == {x.id for x in fresh}
     assert Registry(wenv["tc"].r).active(model) == "v0002"
     assert set(pushed) - {x.id for x in fresh} == {x.id for x in stale}
 
@@ -690,7 +690,7 @@ def test_a_worker_sigkilled_mid_ppo_job_loses_nothing_and_applies_nothing_twice(
     applied = manifest.extra["applied_ids"]
     assert len(applied) == len(set(applied)) == 16 and set(applied) == set(pushed)
     assert r.xpending(stream, "ppo")["pending"] == 0
-    assert {m.decode() for m in r.smembers(applied_key(stream, "ppo"))} == set(pushed)
+    assert applied_ids(r, stream, "ppo") == set(pushed)
     assert f"job {job_id} (ppo): attempt 2 on b@test" in b.log()
     wait_for(lambda: r.llen("train.ppo") == 0, timeout=30, what="the queue to drain")
     assert wenv["store"].versions(model) == ["v0001", "v0002"]

@@ -28,7 +28,7 @@ from trainer_helpers import (  # noqa: F401 - r, settings: shared fixtures
 from rlhf.models.store import ModelStore
 from rlhf.trainer.data import synthetic_pairs
 from rlhf.trainer.jobs import JobRejected, JobStore, execute, parse_spec
-from rlhf.trainer.queues import applied_key
+from rlhf.trainer.queues import applied_ids
 from rlhf.trainer.reward_model import run_reward_model_job
 
 FAST = dict(learning_rate=1e-3, batch_size=16, max_length=64)  # tiny model, synthetic task
@@ -135,7 +135,7 @@ def test_stream_job_commits_what_it_used_and_never_reapplies_it(r, names, settin
     assert sorted(used) == sorted(pushed)  # every payload once: none lost, none twice
     assert manifest.metrics["train_pairs"] + manifest.metrics["eval_pairs"] == 60 + 3  # ranking → 3
     assert rb.xpending(stream, "rm")["pending"] == 0  # all acked after the publish
-    assert r.smembers(applied_key(stream, "rm")) == set(pushed)
+    assert applied_ids(r, stream, "rm") == set(pushed)
     assert [d["reason"][:15] for d in producer.dead_letters(stream)] == ["invalid payload"]
 
     # Redelivered payloads (a producer retrying) are skipped; only the new ones train the next
@@ -189,7 +189,7 @@ def test_a_retry_after_publish_finishes_that_version_instead_of_training_again(
     assert trained == [1]  # the second attempt found its version and did not train again
     assert ModelStore(settings.store_dir).versions(names["model"]) == ["v0001"]
     assert rb.xpending(names["stream"], "reward-model")["pending"] == 0
-    assert r.scard(applied_key(names["stream"], "reward-model")) == len(pushed)
+    assert len(applied_ids(r, names["stream"], "reward-model")) == len(pushed)
     assert JobStore(r).get(job.job_id).attempts == 2
     rb.close()
 

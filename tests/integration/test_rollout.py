@@ -44,7 +44,7 @@ from rlhf_client.registry import Registry
 from rlhfpb.v1 import samples_pb2
 
 from rlhf.procs import free_port, start_service
-from rlhf.trainer.queues import applied_key
+from rlhf.trainer.queues import applied_ids, applied_key
 from rlhf.trainer.rollout import (
     BadReply,
     ListSource,
@@ -299,7 +299,7 @@ async def test_stream_source_answers_each_prompt_once_with_n_samples(services, r
     check_against_services(samples, services)
     assert worker.stats.prompts_done == 6 and worker.stats.samples_pushed == 6 * N
     assert worker.stats.failures == 0 and worker.stats.stale_discards == 0
-    assert r.smembers(applied_key(keys.prompts, GROUP)) == {p.encode() for p in prompts}
+    assert applied_ids(r, keys.prompts, GROUP) == set(prompts)
     finishes = {s.finish_reason for s in samples}
     assert finishes == {FinishReason.EOS, FinishReason.LENGTH}, finishes  # both kinds were checked
 
@@ -365,7 +365,7 @@ def test_sigkilled_worker_loses_nothing_and_the_next_one_finishes_exactly_once(
     check_groups(samples, prompts, services.eos_ids)  # n each, no sample id twice
     assert len(samples) == len(prompts) * N
     assert pending(r, keys.prompts) == 0 and r.xlen(dead_letter_stream(keys.prompts)) == 0
-    assert r.smembers(applied_key(keys.prompts, GROUP)) == {p.encode() for p in prompts}
+    assert applied_ids(r, keys.prompts, GROUP) == set(prompts)
 
 
 async def test_sigterm_finishes_the_batches_in_flight_then_exits(services, r, keys, tmp_path):

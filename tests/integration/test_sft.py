@@ -28,7 +28,7 @@ from rlhf_client import QueueProducer, Registry, TrainingClient  # noqa: E402
 from rlhf.models.store import ModelStore  # noqa: E402
 from rlhf.trainer import backtracking as bt  # noqa: E402
 from rlhf.trainer.jobs import JobRejected, JobStore, SFTJob, execute, parse_spec  # noqa: E402
-from rlhf.trainer.queues import applied_key  # noqa: E402
+from rlhf.trainer.queues import applied_ids  # noqa: E402
 from rlhf.trainer.sft import (  # noqa: E402
     SFTError,
     SFTExample,
@@ -254,7 +254,7 @@ def test_an_sft_job_reads_a_streams_preferred_responses_once(r, names, settings,
     assert sorted(m.extra["applied_ids"]) == sorted(pushed + ["rank-1"])
     assert m.metrics["train_examples"] == 25  # the chosen responses, the ranking's best
     assert rb.xpending(stream, "sft")["pending"] == 0
-    assert r.smembers(applied_key(stream, "sft")) == set(pushed + ["rank-1"])
+    assert applied_ids(r, stream, "sft") == set(pushed + ["rank-1"])
     job2, out2 = run(names, settings, source={"type": "stream", "stream": stream}, max_steps=1)
     assert out2.status == "failed" and "gave 0 usable examples" in out2.error
     rb.close()

@@ -48,7 +48,7 @@ from trainer_helpers import (
 
 from rlhf.models.store import ModelStore
 from rlhf.trainer.celery_app import EXCHANGE, QUEUE_FOR_TASK, task_queue
-from rlhf.trainer.queues import applied_key
+from rlhf.trainer.queues import applied_ids
 
 TASK = "rlhf.train_reward_model"
 QUEUE = QUEUE_FOR_TASK[TASK]
@@ -177,7 +177,7 @@ def test_a_worker_sigkilled_mid_job_loses_nothing_and_applies_nothing_twice(env)
     assert len(used) == len(set(used)) == 200 and set(used) == set(pushed)  # none lost, none twice
     assert manifest.metrics["train_pairs"] + manifest.metrics["eval_pairs"] == 200
     assert r.xpending(stream, "reward-model")["pending"] == 0
-    assert {m.decode() for m in r.smembers(applied_key(stream, "reward-model"))} == set(pushed)
+    assert applied_ids(r, stream, "reward-model") == set(pushed)
     assert Registry(env["tc"].r).active(env["model"]) == "v0001"
     assert f"job {job_id} (reward_model): attempt 2 on b@test" in b.log()
     assert attempt_dirs(env, job_id) == []  # ... until the next worker removes it

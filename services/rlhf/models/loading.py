@@ -14,9 +14,16 @@ one made by `rlhf.models.tiny.make_tiny_model`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from rlhf_client.datafiles import (  # file checks only: they live with the client (submit)
+    REFUSED_SUFFIXES,  # noqa: F401 - re-exported
+    SAFETENSORS_INDEX,  # noqa: F401 - re-exported
+    CheckpointNotFound,
+    UnsafeCheckpoint,
+    check_safe_dir,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -34,58 +41,7 @@ __all__ = [
     "max_context",
 ]
 
-# Weight files in formats that execute code on load: refused outright.
-REFUSED_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
 _DTYPES = ("float32", "float16", "bfloat16")
-
-
-class UnsafeCheckpoint(ValueError):
-    """The directory is not a checkpoint we load: unsafe weight format, or incomplete."""
-
-
-class CheckpointNotFound(ValueError, FileNotFoundError):
-    """The directory, or its config.json, does not exist."""
-
-
-def check_safe_dir(model_dir: str | Path) -> None:
-    """Raise unless `model_dir` is a Hugging Face directory with safetensors weights only.
-
-    Raises `CheckpointNotFound` when the directory or its `config.json` is missing, and
-    `UnsafeCheckpoint` when the top level holds a file with a refused suffix (`.bin`, `.pt`,
-    `.pth`, `.pkl`, `.ckpt` — these formats run code on load), holds no `*.safetensors` file, or
-    has a `model.safetensors.index.json` that is unreadable or names a shard that is missing.
-    """
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise CheckpointNotFound(f"checkpoint directory not found: {d}")
-    if not (d / "config.json").is_file():
-        raise CheckpointNotFound(f"no config.json in checkpoint directory {d}")
-    names = sorted(p.name for p in d.iterdir() if p.is_file())
-    refused = [n for n in names if n.lower().endswith(REFUSED_SUFFIXES)]
-    if refused:
-        raise UnsafeCheckpoint(
-            f"{d} holds weights in a format that can run code when loaded ({', '.join(refused)}); "
-            "only safetensors checkpoints are accepted — convert them and remove these files"
-        )
-    if not any(n.endswith(".safetensors") for n in names):
-        raise UnsafeCheckpoint(f"{d} holds no *.safetensors weights")
-    index = d / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UnsafeCheckpoint(f"{index} is not a valid safetensors index: {e}") from None
-        for shard in shards:
-            p = Path(str(shard))
-            # A shard must be a plain file name in this directory (no paths, no escaping it).
-            if p.name != str(shard) or not p.name.endswith(".safetensors"):
-                raise UnsafeCheckpoint(f"{index} names an invalid shard {shard!r}")
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise UnsafeCheckpoint(f"{index} names missing shard(s): {', '.join(missing)}")
 
 
 def check_checkpoint(model_dir: str | Path) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -35,7 +40,26 @@ MODEL_SWAPS = Counter(
 )
 QUEUE_DEPTH = Gauge("rlhf_queue_depth", "Entries in a Redis stream.", ["stream"])
 DEAD_LETTER_DEPTH = Gauge("rlhf_dead_letter_depth", "Entries in a dead-letter stream.", ["stream"])
-TRAIN_METRIC = Gauge("rlhf_train_metric", "Latest training metric of a job.", ["job_type", "metric"])
+REDIS_MEMORY_USED = Gauge(
+    "rlhf_redis_memory_used_bytes",
+    "Memory Redis uses (INFO memory: used_memory), as a trainer reads it.",
+)
+REDIS_MEMORY_MAX = Gauge(
+    "rlhf_redis_maxmemory_bytes",
+    "Redis' maxmemory (0: no limit). At the limit, with noeviction, every write fails.",
+)
+TRAIN_METRIC = Gauge(
+    "rlhf_train_metric",
+    "Latest training metric of a job (series of the most recent jobs only: TRAIN_METRIC_JOBS).",
+    ["job_type", "job_id", "model", "metric"],
+)
+#: Jobs whose `rlhf_train_metric` series a process keeps. A job's series stay after it ends
+#: (its last values: final loss, held-out accuracy) until newer jobs push it out: setting the
+#: gauges of a job beyond this many removes every series of the least recently updated one, so
+#: the gauge's cardinality stays bounded (jobs × their metrics) however many jobs a worker runs.
+TRAIN_METRIC_JOBS = 10
+_train_jobs: OrderedDict[str, None] = OrderedDict()  # job ids, least recently updated first
+_train_lock = threading.Lock()
 
 
 def set_active_model(service: str, name: str, version: str) -> None:
@@ -44,6 +68,39 @@ def set_active_model(service: str, name: str, version: str) -> None:
         if labels[0] == service:
             ACTIVE_MODEL.remove(*labels)
     ACTIVE_MODEL.labels(service, name, version).set(1)
+
+
+def set_train_metrics(job_type: str, job_id: str, model: str, metrics: Mapping[str, Any]) -> None:
+    """Set job `job_id`'s `rlhf_train_metric` series from the numeric values of `metrics`
+    (booleans and everything else skipped); beyond `TRAIN_METRIC_JOBS` jobs, the least recently
+    updated job's series are removed."""
+    values = {k: v for k, v in metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not values:
+        return
+    with _train_lock:
+        _train_jobs[job_id] = None
+        _train_jobs.move_to_end(job_id)
+        for k, v in values.items():
+            TRAIN_METRIC.labels(job_type, job_id, model or "", k).set(v)
+        while len(_train_jobs) > TRAIN_METRIC_JOBS:
+            _drop_train_job(_train_jobs.popitem(last=False)[0])
+
+
+def keep_train_jobs(job_ids: Iterable[str]) -> None:
+    """Remove the `rlhf_train_metric` series of every job not in `job_ids`."""
+    keep = set(job_ids)
+    with _train_lock:
+        for job_id in [j for j in _train_jobs if j not in keep]:
+            del _train_jobs[job_id]
+            _drop_train_job(job_id)
+
+
+def _drop_train_job(job_id: str) -> None:
+    for labels in list(TRAIN_METRIC._metrics):  # noqa: SLF001 - the job's series, whatever metrics
+        if labels[1] == job_id:
+            TRAIN_METRIC.remove(*labels)
+
 
 HTTP_COUNT = Counter(
     "rlhf_http_requests_total", "HTTP requests handled (the OpenAI-compatible front), by status.",

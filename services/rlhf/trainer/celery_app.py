@@ -25,6 +25,8 @@ Configuration (from `Settings`, see `celery_config`):
   (jobs.py). Its message stays in the unacked hash (or goes back to the queue when the worker
   can restore it) until the job's ack; the job's id guards against a second run.
 - Probes: `ConsumerHeartbeat` marks the worker ready from Celery's event loop (health.py).
+- Task events are on (JSON): Flower and `celery events` see every job's received / started /
+  succeeded / failed events from the worker (docs/operations.md: events and Flower).
 
 Settings are read once per process: `rlhf worker` passes its own (CLI flags included) through
 `configure`; under the plain `celery` command they come from the environment on first use.
@@ -36,19 +38,20 @@ import functools
 
 from celery import Celery, bootsteps
 from kombu import Exchange, Queue
+from rlhf_client.jobspecs import (  # noqa: F401 - TASK_FOR_JOB re-exported
+    QUEUE_FOR_TASK,
+    TASK_FOR_JOB,
+    TRAIN_EXCHANGE,
+)
+from rlhf_client.redis_conn import connect
+from rlhf_client.training import send_job_message
 
 from rlhf.config import Settings
 
-TASK_FOR_JOB: dict[str, str] = {"reward_model": "rlhf.train_reward_model",
-                                "dpo": "rlhf.train_dpo", "ppo": "rlhf.train_ppo",
-                                "sft": "rlhf.train_sft", "iterate": "rlhf.iterate"}
-QUEUE_FOR_TASK: dict[str, str] = {"rlhf.train_reward_model": "train.reward_model",
-                                  "rlhf.train_dpo": "train.dpo", "rlhf.train_ppo": "train.ppo",
-                                  "rlhf.train_sft": "train.sft", "rlhf.iterate": "train.loop"}
 QUEUES: tuple[str, ...] = tuple(sorted(set(QUEUE_FOR_TASK.values())))
 # One direct exchange, each queue bound by its own name: a job reaches exactly its queue (queues
 # declared without a key would all share the default key and every job would reach all of them).
-EXCHANGE = Exchange("rlhf.train", type="direct")
+EXCHANGE = Exchange(TRAIN_EXCHANGE, type="direct")
 
 
 def task_queue(name: str) -> Queue:
@@ -84,8 +87,11 @@ def _static_config() -> dict:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events (JSON, like everything else) for Flower and `celery events`: the worker
+        # sends task-received / -started / -succeeded / -failed / -retried; a sender that goes
+        # through Celery sends task-sent (rlhf_client's hand-written job message sends none).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
 
 
@@ -161,12 +167,19 @@ def configure(settings: Settings) -> Celery:
 
 @functools.lru_cache(maxsize=8)
 def sender(redis_url: str) -> Celery:
-    """An app that only sends job messages to the broker at `redis_url` (clients, CLI)."""
+    """An app that only sends messages to the broker at `redis_url` through Celery (tests compare
+    `rlhf_client.celery_message` with it; jobs are sent by `send_job`)."""
     s = Celery("rlhf-sender", set_as_current=False)
     s.conf.update(_static_config(), broker_url=redis_url)
     return s
 
 
-def send_job(redis_url: str, job_type: str, spec: dict, job_id: str) -> None:
-    """Queue a job's Celery message (task id = job id) on the broker at `redis_url`."""
-    sender(redis_url).send_task(TASK_FOR_JOB[job_type], args=[spec], task_id=job_id)
+def send_job(redis_url: str, job_type: str, spec: dict, job_id: str,
+             headers: dict | None = None) -> None:
+    """Queue a job's Celery message (task id = job id) on the broker at `redis_url`: the one way
+    jobs are sent, with or without Celery installed (`rlhf_client.celery_message`)."""
+    r = connect(redis_url)
+    try:
+        send_job_message(r, job_type, spec, job_id, headers)
+    finally:
+        r.close()

@@ -1,13 +1,15 @@
-"""`rlhf worker`, `rlhf worker-probe`, `rlhf jobs`, `rlhf models`: the trainer's commands.
+"""`rlhf worker`, `rlhf worker-probe`, and the server-side leaves of `rlhf jobs` / `rlhf models`.
 
     rlhf worker [--pool prefork|solo] [--concurrency N] [--queues Q,...] [--hostname NAME]
     rlhf worker-probe [--ready] [--heartbeat-file PATH]    # the trainer pod's probes (exit 0/1)
-    rlhf jobs [list] [--limit N] [--status S] | jobs show ID | jobs submit SPEC.json [--wait]
     rlhf jobs reap [--grace S] [--dry-run]                 # re-queue jobs whose message was lost
-    rlhf models list | models show NAME [VERSION] | models activate NAME VERSION | models rollback NAME
+    rlhf models add-token NAME TOKEN [--activate]          # rlhf.models.tokens
+    rlhf models import DIR --name NAME [--activate]        # rlhf.models.cli
 
-Every command takes --redis-url (env RLHF_REDIS_URL); `models` and `worker` take --store.
-Output is text; --json prints JSON instead.
+The rest of `rlhf jobs` and `rlhf models` (list, show, submit, schema, cancel, metrics, activate,
+rollback, export) is the client's (`rlhf_client.cli`: the base install); `add_parsers` builds
+both groups from there and adds these leaves. Every command takes --redis-url (env
+RLHF_REDIS_URL); `models` and `worker` take --store. --json prints JSON.
 """
 
 from __future__ import annotations
@@ -65,51 +67,31 @@ def add_parsers(sub) -> None:
     probe.add_argument("--heartbeat-file", dest="worker_heartbeat_file", type=Path, default=None,
                        help="the worker's heartbeat file (env RLHF_WORKER_HEARTBEAT_FILE)")
 
-    jobs = sub.add_parser("jobs", help="training jobs: list (default), show, submit")
-    jobs.set_defaults(jobs_command="list", limit=20, status=None, json=False)
-    jobs_sub = jobs.add_subparsers(dest="jobs_command")
-    jl = _leaf(jobs_sub, "list", "newest jobs first")
-    jl.add_argument("--limit", type=int, default=20)
-    jl.add_argument("--status", choices=["queued", "running", "succeeded", "failed"])
-    store = [(("--store",), dict(dest="store_dir", type=Path, help="model store root"))]
-    js = _leaf(jobs_sub, "show", "one job's record", store)
-    js.add_argument("job_id")
-    js.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                    help="a PPO job: draw its per-step curves (training_curves.json in the "
-                    "version it published) into this PNG")
-    jsub = _leaf(jobs_sub, "submit", "validate and queue a job spec (JSON file, - for stdin)")
-    jsub.add_argument("spec", help='JSON job spec with a "type" (reward_model, dpo, ppo, sft, '
-                      'iterate: a loop, see `rlhf loop`)')
-    jsub.add_argument("--wait", action="store_true", help="wait until it finishes")
-    jsub.add_argument("--timeout", type=float, default=24 * 3600.0)
-    jr = _leaf(jobs_sub, "reap", "re-queue queued/running jobs whose lease expired and whose "
-               "Celery message is gone")
-    jr.add_argument("--grace", type=float, default=None,
-                    help="seconds a job's record must be unchanged (default: job_reap_grace_s)")
-    jr.add_argument("--dry-run", action="store_true", help="list the orphans, re-queue nothing")
+    from rlhf_client.cli import add_parsers as add_client_parsers
 
-    models = sub.add_parser("models", help="model versions: list, show, activate, rollback, "
-                            "add-token")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
-    _leaf(models_sub, "list", "every model with its active version", store)
-    ms = _leaf(models_sub, "show", "a model's versions, or one version's manifest", store)
-    ms.add_argument("name")
-    ms.add_argument("version", nargs="?")
-    ma = _leaf(models_sub, "activate", "make a version the active one", store)
-    ma.add_argument("name")
-    ma.add_argument("version")
-    mr = _leaf(models_sub, "rollback", "re-activate the previously active version", store)
-    mr.add_argument("name")
+    add_client_parsers(sub, server_leaves=add_server_leaves)  # jobs, models
+
+
+def add_server_leaves(group: str, group_sub) -> None:
+    """The leaves of `rlhf jobs` / `rlhf models` that run here (rlhf_client.cli.SERVER_LEAVES):
+    `jobs reap`, `models add-token`, `models import`."""
+    from rlhf_client.cli import SERVER_LEAVES, add_common_flags
+
+    if group == "jobs":
+        jr = group_sub.add_parser("reap", help=SERVER_LEAVES["jobs"]["reap"][0])
+        add_common_flags(jr)
+        jr.add_argument("--grace", type=float, default=None,
+                        help="seconds a job's record must be unchanged (default: job_reap_grace_s)")
+        jr.add_argument("--dry-run", action="store_true", help="list the orphans, re-queue nothing")
+        return
+    from rlhf.models.cli import add_import_parser
     from rlhf.models.tokens import add_add_token_parser
 
-    add_add_token_parser(models_sub)
-
-
-def _leaf(sub, name: str, help_: str, extra=()) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_)
-    _add(p, _COMMON + list(extra))
-    p.add_argument("--json", action="store_true", help="print JSON")
-    return p
+    add_add_token_parser(group_sub)
+    group_sub.choices["add-token"].add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS,
+        help="on failure print the traceback (default: one line naming the cause)")
+    add_import_parser(group_sub, add_common_flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,12 +103,15 @@ def run_worker(args, settings) -> int:
     # SIGTERM → Celery's cold shutdown with the soft-shutdown wait (the running job gets
     # worker_soft_shutdown_s, then is requeued). billiard reads this when it is first imported.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from rlhf.tracing import setup_worker
     from rlhf.trainer.celery_app import QUEUES, configure
 
     app = configure(settings)
+    setup_worker(settings)  # off unless RLHF_OTEL
     _start_metrics(settings)
     _start_heartbeat(settings)
     _start_reaper(settings)
+    _start_stream_trimmer(settings)
     argv = [
         "worker",
         f"--pool={settings.worker_pool}",
@@ -185,6 +170,19 @@ def _start_reaper(settings) -> None:
     threading.Thread(target=loop, name="job-reaper", daemon=True).start()
 
 
+def _start_stream_trimmer(settings) -> None:
+    """At start and every stream_trim_interval_s: trim acked stream entries, dead letters and
+    applied-id indexes past their retention (rlhf.trainer.queues.trim_streams)."""
+    if settings.stream_trim_interval_s <= 0:
+        return
+    from rlhf_client.redis_conn import connect
+
+    from rlhf.trainer.queues import Retention, start_trim_loop
+
+    start_trim_loop(connect(settings.redis_url.get_secret_value()),
+                    Retention.from_settings(settings), settings.stream_trim_interval_s)
+
+
 def run_worker_probe(args, settings) -> int:
     """Exit 0 when the worker's heartbeat says live (with --ready: and consuming), else 1."""
     from rlhf.trainer.health import check
@@ -231,16 +229,21 @@ def _start_metrics(settings) -> None:
 
 
 def refresh_worker_metrics(r_bytes, r_text) -> None:
+    """Queue depths, and the training gauges of the running jobs and of the most recent ones
+    (`TRAIN_METRIC_JOBS`, whatever their status: a finished job shows its final metrics), each
+    labelled with its job and model; every other job's series are removed."""
     from rlhf_client.training import list_jobs
 
-    from rlhf.serving.metrics import TRAIN_METRIC
-    from rlhf.trainer.queues import refresh_queue_metrics
+    from rlhf.serving.metrics import TRAIN_METRIC_JOBS, keep_train_jobs, set_train_metrics
+    from rlhf.trainer.queues import refresh_queue_metrics, refresh_redis_memory
 
     refresh_queue_metrics(r_bytes)
-    for rec in list_jobs(r_text, limit=10, status="running"):
-        for key, value in rec.metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                TRAIN_METRIC.labels(rec.type, key).set(value)
+    refresh_redis_memory(r_bytes)
+    recs = {rec.id: rec for rec in list_jobs(r_text, limit=TRAIN_METRIC_JOBS)}
+    recs.update((rec.id, rec) for rec in list_jobs(r_text, limit=10, status="running"))
+    for rec in sorted(recs.values(), key=lambda rec: rec.updated or 0.0):
+        set_train_metrics(rec.type, rec.id, rec.spec.get("model_name") or "", rec.metrics)
+    keep_train_jobs(recs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,117 +255,27 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str) if as_json else text)
 
 
-def run_jobs(args, settings) -> int:
-    from rlhf_client.training import JobFailed, TrainingClient
+def run_reap(args, settings) -> int:
+    """`rlhf jobs reap`."""
+    from rlhf.trainer.reaper import reap_once
 
-    from rlhf.trainer.jobs import JobRejected
-
-    tc = TrainingClient(settings.redis_url.get_secret_value())
-    try:
-        if args.jobs_command == "list":
-            recs = tc.jobs(limit=args.limit, status=args.status)
-            rows = [f"{r.id:34s} {r.type:14s} {r.status:10s} {r.progress:5.0%} "
-                    f"{r.version or '-':8s} {r.error or ''}" for r in recs]
-            _print([r.to_dict() for r in recs], args.json, "\n".join(rows) or "(no jobs)")
-            return 0
-        if args.jobs_command == "show":
-            rec = tc.status(args.job_id)
-            _print(rec.to_dict(), True, "")
-            if getattr(args, "plot", None) is not None:
-                return _plot_job(rec, args.plot, settings)
-            return 0
-        if args.jobs_command == "reap":
-            from rlhf.trainer.reaper import reap_once
-
-            ids = reap_once(settings, grace_s=args.grace, dry_run=args.dry_run)
-            verb = "orphaned" if args.dry_run else "re-queued"
-            _print({verb: ids}, args.json, "\n".join(f"{verb} {i}" for i in ids) or
-                   f"(no job {verb})")
-            return 0
-        # submit
-        text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
-        try:
-            job_id = tc.submit(json.loads(text))
-        except (JobRejected, json.JSONDecodeError) as exc:
-            print(f"rlhf jobs submit: {exc}", file=sys.stderr)
-            return 2
-        print(job_id)
-        if args.wait:
-            try:
-                rec = tc.wait(job_id, timeout=args.timeout)
-            except JobFailed as exc:
-                print(str(exc), file=sys.stderr)
-                return 1
-            _print(rec.to_dict(), args.json, f"{rec.status} {rec.version or ''}")
-        return 0
-    except KeyError as exc:
-        print(f"rlhf jobs: no job {exc.args[0]!r}", file=sys.stderr)
-        return 1
-    finally:
-        tc.close()
-
-
-def _plot_job(rec, png: Path, settings) -> int:
-    """Draw the training curves of the version job `rec` published (PPO jobs write them)."""
-    from rlhf.trainer.ppo import plot_ppo_curves
-
-    name = rec.spec.get("model_name")
-    if rec.version is None or not name:
-        print(f"rlhf jobs show: job {rec.id} has published no version (status {rec.status})",
-              file=sys.stderr)
-        return 1
-    try:
-        plot_ppo_curves(Path(settings.store_dir) / name / rec.version, png,
-                        title=f"{name} {rec.version} (job {rec.id})")
-    except (OSError, ValueError) as exc:
-        print(f"rlhf jobs show: no curves to plot: {exc}", file=sys.stderr)
-        return 1
-    print(f"curves written to {png}", file=sys.stderr)
+    ids = reap_once(settings, grace_s=args.grace, dry_run=args.dry_run)
+    verb = "orphaned" if args.dry_run else "re-queued"
+    _print({verb: ids}, getattr(args, "json", False),
+           "\n".join(f"{verb} {i}" for i in ids) or f"(no job {verb})")
     return 0
 
 
 def run_models(args, settings) -> int:
-    from rlhf_client.registry import RegistryError
-    from rlhf_client.training import ModelsClient
-
-    from rlhf.models.store import ModelStore, TamperedCheckpoint
-
-    cmd = args.models_command
-    if cmd == "add-token":
+    """`rlhf models add-token` / `rlhf models import`."""
+    if args.models_command == "add-token":
         from rlhf.models.tokens import cmd_add_token
 
         return cmd_add_token(args, settings)
-    mc = ModelsClient.from_url(settings.redis_url.get_secret_value(), store_dir=settings.store_dir)
-    try:
-        if cmd == "list":
-            rows = [{"name": n, "active": mc.active(n), "versions": len(mc.versions(n))}
-                    for n in mc.models()]
-            _print(rows, args.json, "\n".join(f"{r['name']:32s} active {r['active'] or '-':8s} "
-                                              f"{r['versions']} version(s)" for r in rows)
-                   or "(no models)")
-        elif cmd == "show":
-            info = mc.show(args.name, args.version)
-            if args.version is not None and info.get("manifest") is not None:
-                try:
-                    ModelStore(settings.store_dir).verify(args.name, args.version)
-                    info["verified"] = True
-                except TamperedCheckpoint as exc:
-                    info["verified"] = False
-                    info["verify_error"] = str(exc)
-            _print(info, True, "")
-        elif cmd == "activate":
-            a = mc.activate(args.name, args.version)
-            _print(a.__dict__, args.json, f"{a.name}: {a.previous or '-'} -> {a.version}")
-        else:
-            a = mc.rollback(args.name)
-            _print(a.__dict__, args.json, f"{a.name}: rolled back {a.previous or '-'} -> {a.version}")
-        return 0
-    except RegistryError as exc:
-        print(f"rlhf models: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        mc.close()
+    from rlhf.models.cli import cmd_import
+
+    return cmd_import(args, settings)
 
 
-HANDLERS = {"worker": run_worker, "worker-probe": run_worker_probe, "jobs": run_jobs,
+HANDLERS = {"worker": run_worker, "worker-probe": run_worker_probe, "jobs": run_reap,
             "models": run_models}

@@ -11,113 +11,36 @@ JSONL files hold one object per line, either a pair
 or a ranking
     {"id": "r1", "prompt": "...", "responses": ["...", "..."], "ranks": [0, 1]}
 "id" is optional (the line's position in the file is used); "source" is ignored.
+
+The row readers (`Pair`, `read_jsonl`, `jsonl_objects`, `DataError`) live in
+`rlhf_client.datafiles`, where submit-time checks use them without torch; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
-from pathlib import Path
 
-from rlhf_client.queues import PayloadError, validate_payload
-from rlhfpb.v1 import samples_pb2
+from rlhf_client.datafiles import (  # the readers live with the client (submit-time checks)
+    DataError,
+    Pair,
+    expand_ranking,
+    jsonl_objects,
+    pairs_from_payload,
+    read_jsonl,
+)
 
-
-class DataError(ValueError):
-    """Input data that cannot be used (names the file and line, or the payload)."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One preference: `chosen` ≻ `rejected` for `prompt`, from payload `source_id`."""
-
-    source_id: str
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def expand_ranking(
-    prompt: str, responses: Sequence[str], ranks: Sequence[int], *, source_id: str = ""
-) -> list[Pair]:
-    """Every strictly ordered pair of a ranking (lower rank is better; ties give no pair).
-
-    Pairs come in a fixed order: by the better response's position, then the worse one's.
-    """
-    if len(responses) != len(ranks):
-        raise DataError(f"ranking {source_id!r}: {len(ranks)} ranks for {len(responses)} responses")
-    n = len(responses)
-    return [
-        Pair(source_id, prompt, responses[i], responses[j])
-        for i in range(n)
-        for j in range(n)
-        if ranks[i] < ranks[j]
-    ]
-
-
-def pairs_from_payload(payload) -> list[Pair]:
-    """The pairs of one queue payload (a PreferencePair, or a Ranking expanded).
-
-    Raises `DataError` for any other payload type: a preference job cannot use a ScoredSample.
-    """
-    if isinstance(payload, samples_pb2.PreferencePair):
-        return [Pair(payload.id, payload.prompt, payload.chosen, payload.rejected)]
-    if isinstance(payload, samples_pb2.Ranking):
-        return expand_ranking(payload.prompt, list(payload.responses), list(payload.ranks),
-                              source_id=payload.id)
-    raise DataError(f"{payload.DESCRIPTOR.full_name} is not preference data (pairs or rankings)")
+__all__ = ["DataError", "Pair", "expand_ranking", "pairs_from_payload",
+           "check_preference_payload", "jsonl_objects", "read_jsonl", "split_by_source",
+           "unique_source_ids", "synthetic_pairs"]
 
 
 def check_preference_payload(payload) -> None:
     """The `validate` hook of a preference consumer: raises for payloads a preference job can't use."""
     pairs_from_payload(payload)
-
-
-def jsonl_objects(path: str | Path) -> Iterator[tuple[str, str, dict]]:
-    """(`file:line` for messages, a default id `name:line`, the row) for every non-blank line
-    of a JSONL file; `DataError` naming the file (and line) when it is missing, a line is not
-    JSON, or a row is not an object. Every JSONL reader of the trainer goes through this."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected an object")
-            yield where, f"{path.name}:{lineno}", obj
-
-
-def read_jsonl(path: str | Path) -> list[Pair]:
-    """Pairs from a JSONL file (pairs and rankings; see the module docstring)."""
-    pairs: list[Pair] = []
-    for where, default_id, obj in jsonl_objects(path):
-        pid = str(obj.get("id") or default_id)
-        try:
-            if "responses" in obj:
-                msg = samples_pb2.Ranking(id=pid, prompt=str(obj.get("prompt", "")),
-                                          responses=list(obj["responses"]), ranks=list(obj["ranks"]))
-            else:
-                msg = samples_pb2.PreferencePair(id=pid, prompt=str(obj.get("prompt", "")),
-                                                 chosen=obj["chosen"], rejected=obj["rejected"])
-            validate_payload(msg)
-        except KeyError as exc:
-            raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
-        except (TypeError, ValueError, PayloadError) as exc:
-            raise DataError(f"{where}: {exc}") from None
-        pairs.extend(pairs_from_payload(msg))
-    return pairs
 
 
 def split_by_source(

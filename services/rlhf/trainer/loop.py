@@ -758,8 +758,7 @@ class LoopRunner:
             for e in human:
                 pipe.xadd(stream, encode_entry(e.payload))
             if human:
-                pipe.sadd(consumer.applied_key, *[e.id for e in human])
-                pipe.xack(consumer.stream, consumer.group, *[e.entry_id for e in human])
+                consumer.queue_commit(pipe, [e.id for e in human], [e.entry_id for e in human])
             pipe.hset(key, mapping=mark)
             pipe.execute()
 
@@ -873,13 +872,19 @@ class LoopRunner:
         self._mark(k, {"child_job": child.job_id, "train_started": f"{time.time():.3f}"})
         self._progress(k, "train", child_job=child.job_id)
         t0 = time.monotonic()
+        # A cancelled loop cancels the round's job too (it stops at its next step check).
+        self.ctx.on_heartbeat(lambda: self.ctx.cancel_seen.is_set()
+                              and self.ctx.jobs.request_cancel(child.job_id))
         while True:
             self.ctx.check()
             out = execute(child, work, settings=self.settings, worker=f"loop-{spec.job_id}")
-            if out.status in ("succeeded", "skipped"):
+            if out.status in ("succeeded", "skipped", "cancelled"):
                 rec = read_job(self.r, child.job_id)
                 if rec is not None and rec.status == "failed":
                     raise LoopError(f"round {k}: training job {child.job_id} failed: {rec.error}")
+                if rec is not None and rec.status == "cancelled":
+                    self.ctx.check()  # the loop's own cancel: CancelRequested
+                    raise LoopError(f"round {k}: training job {child.job_id} was cancelled")
                 version = out.version or (rec.version if rec else None)
                 if version is None:
                     raise LoopError(f"round {k}: training job {child.job_id} published nothing")

@@ -29,11 +29,11 @@ from rlhf_client.registry import Registry
 
 from rlhf.models.probes import compute_probes
 from rlhf.models.store import Manifest, ModelStore
-from rlhf.serving.metrics import TRAIN_METRIC
+from rlhf.serving.metrics import set_train_metrics
 from rlhf.trainer.data import DataError, check_preference_payload, pairs_from_payload, read_jsonl, split_by_source
 from rlhf.trainer.jobs import REDIS_ERRORS, JobContext, JobResult, TransientError
 from rlhf.trainer.publish import Base, find_job_version, maybe_activate, publish_version, register, resolve_base
-from rlhf.trainer.queues import StreamConsumer
+from rlhf.trainer.queues import Retention, StreamConsumer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
             max_deliveries=settings.queue_max_deliveries,
             claim_idle_ms=settings.queue_claim_idle_ms,
             validate=reader.validate,
+            retention=Retention.from_settings(settings),  # trims the stream after the commit
         )
     manifest = find_job_version(store, spec.model_name, spec.job_id)
     if manifest is not None:  # an earlier attempt published and died before finishing
@@ -125,33 +126,43 @@ def _read_stream(consumer: StreamConsumer, reader: Reader, source, minimum: int,
                  ctx: JobContext) -> tuple[list, list]:
     """Up to `source.max_entries` entries and their items. With `source.block_ms` the job waits
     up to that long in all for its `minimum` items (producers such as rollout workers push in
-    batches), not just for a first entry; what arrived by then is what it gets."""
+    batches), not just for a first entry; what arrived by then is what it gets. The wait is
+    read in slices of at most `_READ_SLICE_MS`, with `ctx.check()` between them (a cancel or a
+    lost lease ends it); each slice also takes entries another consumer let go meanwhile (idle
+    past `claim_idle_ms`: a cancelled or dead job's)."""
     deadline = time.monotonic() + source.block_ms / 1000.0
     entries: list = []
     items: list = []
     ctx.on_heartbeat(lambda: consumer.touch(entries))  # entries grows in place
-    wait_ms = source.block_ms or None
     while len(entries) < source.max_entries:
-        got = consumer.read(source.max_entries - len(entries), block_ms=wait_ms)
+        wait_ms = int((deadline - time.monotonic()) * 1000)
+        block = min(wait_ms, _READ_SLICE_MS) if source.block_ms and wait_ms > 0 else None
+        got = consumer.read(source.max_entries - len(entries), block_ms=block)
         entries.extend(got)
         items.extend(x for e in got for x in reader.items(e.payload))
-        wait_ms = int((deadline - time.monotonic()) * 1000)
-        if not got or len(items) >= minimum or wait_ms <= 0:
+        if len(items) >= minimum or time.monotonic() >= deadline:
             break
+        ctx.check()
+        consumer.rescan()
     consumer.update_metrics()
     return entries, items
 
 
+#: The longest single blocking stream read of a job waiting for its items.
+_READ_SLICE_MS = 1000
+
+
 def step_reporter(ctx: JobContext, job_type: str,
                   **fixed: Any) -> Callable[[int, int, dict[str, Any]], None]:
-    """`on_step(step, total, metrics)` for a job's training function: the job record's progress
-    (stage "training", step, steps, the metrics and `fixed`) and the trainer's gauges."""
+    """`on_step(step, total, metrics)` for a job's training function: the job's progress and
+    history row (stage "training", step, steps, the metrics and `fixed`) and the trainer's
+    gauges (labelled with the job and its model)."""
+
+    model = getattr(ctx.spec, "model_name", "")
 
     def on_step(step: int, total: int, m: dict[str, Any]) -> None:
         ctx.progress(step / total, {"stage": "training", "step": step, "steps": total, **m, **fixed})
-        for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                TRAIN_METRIC.labels(job_type, k).set(v)
+        set_train_metrics(job_type, ctx.job_id, model, m)
 
     return on_step
 
@@ -216,10 +227,8 @@ def finish(spec, ctx: JobContext, registry: Registry, manifest: Manifest, consum
     activated, why = ctx.redis(lambda: maybe_activate(registry, manifest, activate=spec.activate,
                                                       min_eval_accuracy=gate),
                                "activate the version")
-    for k in metric_keys:
-        value = manifest.metrics.get(k)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            TRAIN_METRIC.labels(job_type, k).set(value)
+    set_train_metrics(job_type, ctx.job_id, spec.model_name,
+                      {k: manifest.metrics[k] for k in metric_keys if k in manifest.metrics})
     metrics = {**manifest.metrics, "activated": activated, "activation": why}
     ctx.progress(1.0, metrics, force=True)
     return JobResult(manifest.version, metrics)

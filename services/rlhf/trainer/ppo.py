@@ -43,15 +43,15 @@ the policy with its critic inside, commit the stream entries, activate if asked.
 - Staleness (the job): a sample whose policy version is more than `max_staleness` versions
   before the base version (the store's manifest parent chain, walked from the base) — or not on
   that chain at all — is acked and counted (`dropped_stale`), never trained on.
-- Metrics per optimizer step (job record progress, TRAIN_METRIC, `training_curves.json` in the
-  version): score_mean, kl_ref, beta, clip_fraction, approx_kl, entropy, policy_loss,
-  value_loss, explained_variance (and ratio_mean, value_clip_fraction, grad norms);
+- Metrics per optimizer step (job record progress, the job's history stream, TRAIN_METRIC,
+  `training_curves.json` in the version): score_mean, kl_ref, beta, clip_fraction, approx_kl,
+  entropy, policy_loss, value_loss, explained_variance (and ratio_mean, value_clip_fraction,
+  grad norms);
   `plot_ppo_curves` draws them (PNG, matplotlib's Agg backend).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.trainer.data import DataError, jsonl_objects
+from rlhf_client.datafiles import SampleRecord, read_samples_jsonl
+
 from rlhf.trainer.jobs import PPOJob
 from rlhf.trainer.pipeline import Reader
 
@@ -111,151 +112,6 @@ class PPOError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Samples
 # ------------------------------------------------------------------------------------------------
-
-_ENDED = {1, 3}  # FinishReason STOP, EOS: the sample ended; LENGTH / ABORT / unset: it did not
-
-
-@dataclass(frozen=True)
-class SampleRecord:
-    """One scored trajectory as the trainer uses it (from a ScoredSample, or a JSONL row with
-    these keys). `completion_ids` is everything the policy sampled (a generated eos and reset
-    tokens included); `behaviour_logprobs` / `reference_logprobs` are one value per completion
-    token."""
-
-    id: str
-    group_id: str
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[int, ...]
-    behaviour_logprobs: tuple[float, ...]
-    reference_logprobs: tuple[float, ...]
-    score: float
-    ended: bool = True
-    policy_version: str = ""
-
-    def __post_init__(self) -> None:
-        n = len(self.completion_ids)
-        if not self.id:
-            raise ValueError("id: must be set (each sample is applied once)")
-        if not self.prompt_ids:
-            raise ValueError(f"sample {self.id!r}: prompt_ids must not be empty")
-        if n == 0:
-            raise ValueError(f"sample {self.id!r}: completion_ids must not be empty")
-        for name in ("behaviour_logprobs", "reference_logprobs"):
-            values = getattr(self, name)
-            if len(values) != n:
-                raise ValueError(f"sample {self.id!r}: {name} has {len(values)} values for {n} "
-                                 "completion tokens (PPO needs one per token)")
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"sample {self.id!r}: {name} holds a non-finite value")
-        if not math.isfinite(self.score):
-            raise ValueError(f"sample {self.id!r}: score is not finite")
-
-    @staticmethod
-    def default_group(prompt_ids: Sequence[int], policy_version: str) -> str:
-        """The group of a sample that names none: the samples of one prompt by one version."""
-        digest = hashlib.sha1(",".join(map(str, prompt_ids)).encode()).hexdigest()[:16]
-        return f"prompt:{policy_version}:{digest}"
-
-    @classmethod
-    def from_payload(cls, msg) -> "SampleRecord":
-        """From a ScoredSample message; `ValueError` for any other payload or a sample PPO
-        cannot use (no per-token behaviour or reference log-probs, a non-finite value)."""
-        from rlhfpb.v1 import samples_pb2
-
-        if not isinstance(msg, samples_pb2.ScoredSample):
-            raise ValueError(f"{msg.DESCRIPTOR.full_name} is not a ScoredSample")
-        prompt = tuple(int(t) for t in msg.prompt_ids)
-        version = msg.policy.version
-        return cls(
-            id=msg.id,
-            group_id=msg.group_id or cls.default_group(prompt, version),
-            prompt_ids=prompt,
-            completion_ids=tuple(int(t) for t in msg.completion_ids),
-            behaviour_logprobs=tuple(float(v) for v in msg.behaviour_logprobs),
-            reference_logprobs=tuple(float(v) for v in msg.reference_logprobs),
-            score=float(msg.reward),
-            ended=int(msg.finish_reason) in _ENDED,
-            policy_version=version,
-        )
-
-    @classmethod
-    def from_mapping(cls, obj: Mapping[str, Any]) -> "SampleRecord":
-        """From a mapping with this class's keys (group_id, ended and policy_version optional;
-        `reward` is accepted for `score`)."""
-        try:
-            prompt = tuple(int(t) for t in obj["prompt_ids"])
-            version = str(obj.get("policy_version") or "")
-            score = obj["score"] if "score" in obj else obj["reward"]
-            return cls(
-                id=str(obj["id"]),
-                group_id=str(obj.get("group_id") or cls.default_group(prompt, version)),
-                prompt_ids=prompt,
-                completion_ids=tuple(int(t) for t in obj["completion_ids"]),
-                behaviour_logprobs=tuple(float(v) for v in obj["behaviour_logprobs"]),
-                reference_logprobs=tuple(float(v) for v in obj["reference_logprobs"]),
-                score=float(score),
-                ended=bool(obj.get("ended", True)),
-                policy_version=version,
-            )
-        except KeyError as exc:
-            raise ValueError(f"missing field {exc.args[0]!r}") from None
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-
-    @classmethod
-    def from_completion(cls, completion, *, score: float, reference_logprobs: Sequence[float],
-                        policy_version: str, group_id: str,
-                        id: str | None = None) -> "SampleRecord":
-        """From a policy completion (`rlhf_client.Completion`, or the service's own): the whole
-        trajectory with its log-probs as sampled (asked with `return_logprobs=True`), `score`
-        from the reward model, `reference_logprobs` of the same trajectory tokens. The id
-        defaults to the rollout's convention `<group_id>:<policy_version>:<sample_index>`."""
-        ids = list(completion.trajectory_token_ids) or list(completion.token_ids)
-        lps = list(completion.trajectory_logprobs) or list(completion.logprobs)
-        finish = getattr(completion, "finish_reason", None)
-        if finish is None:
-            finish = getattr(completion, "finish")
-        return cls(
-            id=id or f"{group_id}:{policy_version}:{completion.sample_index}",
-            group_id=group_id,
-            prompt_ids=tuple(completion.prompt_token_ids),
-            completion_ids=tuple(ids),
-            behaviour_logprobs=tuple(float(v) for v in lps),
-            reference_logprobs=tuple(float(v) for v in reference_logprobs),
-            score=float(score),
-            ended=int(finish) in _ENDED,
-            policy_version=policy_version,
-        )
-
-    @classmethod
-    def of(cls, obj: Any) -> "SampleRecord":
-        """A SampleRecord from a SampleRecord, a ScoredSample or a mapping."""
-        if isinstance(obj, cls):
-            return obj
-        if isinstance(obj, Mapping):
-            return cls.from_mapping(obj)
-        return cls.from_payload(obj)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSONL row of this sample (what `read_samples_jsonl` reads back)."""
-        return {"id": self.id, "group_id": self.group_id, "prompt_ids": list(self.prompt_ids),
-                "completion_ids": list(self.completion_ids),
-                "behaviour_logprobs": list(self.behaviour_logprobs),
-                "reference_logprobs": list(self.reference_logprobs), "score": self.score,
-                "ended": self.ended, "policy_version": self.policy_version}
-
-
-def read_samples_jsonl(path: str | Path) -> list[SampleRecord]:
-    """Samples from a JSONL file, one `SampleRecord` row per line (see `SampleRecord.to_json`);
-    `DataError` naming the file and line for anything unusable."""
-    out: list[SampleRecord] = []
-    for where, default_id, obj in jsonl_objects(path):
-        try:
-            out.append(SampleRecord.from_mapping(obj))
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
-    return out
-
 
 def _check_sample_payload(payload) -> None:
     SampleRecord.from_payload(payload)

@@ -45,6 +45,10 @@ no sample of a superseded version is pushed after the registry moved on.
 Long-running (stream) mode stops on `stop()` (the CLI wires SIGTERM / SIGINT to it): it reads
 nothing more, finishes the batches in flight, pushes them, and returns. File and list modes
 return when every prompt is done or has used its attempts.
+
+Tracing (on with RLHF_OTEL, `rlhf_client.tracing`): each batch is a span `rlhf.rollout batch`;
+its Generate, Score and LogProbs calls and its push (`<samples stream> publish`, whose context
+every pushed entry carries) are its children.
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import redis
+from rlhf_client import tracing
 from rlhf_client.errors import RpcError
 from rlhf_client.queues import (
-    MAX_PROMPT_ID_CHARS,
     PROMPTS_STREAM,
     SAMPLES_STREAM,
     encode_entry,
@@ -205,30 +209,12 @@ def cli_prompt_id(text: str) -> str:
 
 
 def load_prompts_file(path: Path) -> list[PromptItem]:
-    """Rows {"id": ..., "prompt": "..."} of a JSONL file (blank lines skipped). ValueError naming
-    the file and line for a row that is not an object, lacks either key, repeats an id, has an
-    empty prompt or an id longer than MAX_PROMPT_ID_CHARS."""
-    from rlhf.trainer.data import jsonl_objects
+    """Rows {"id": ..., "prompt": "..."} of a JSONL file (blank lines skipped); a ValueError
+    naming the file and line for an unusable row (see `rlhf_client.datafiles.read_prompt_rows`)."""
+    from rlhf_client.datafiles import read_prompt_rows
 
-    out: list[PromptItem] = []
-    seen: dict[str, str] = {}
-    source = f"file:{path.name}"
-    for where, _, row in jsonl_objects(path):
-        if "id" not in row or "prompt" not in row:
-            raise ValueError(f'{where}: expected an object with "id" and "prompt"')
-        pid, text = row["id"], row["prompt"]
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "":
-            raise ValueError(f"{where}: id must be a non-empty string or an integer")
-        pid = str(pid)
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{where}: prompt must be a non-empty string")
-        if len(pid) > MAX_PROMPT_ID_CHARS:
-            raise ValueError(f"{where}: id longer than {MAX_PROMPT_ID_CHARS} characters")
-        if pid in seen:
-            raise ValueError(f"{where}: id {pid!r} repeats line {seen[pid].rsplit(':', 1)[1]}")
-        seen[pid] = where
-        out.append(PromptItem(pid, text, source))
-    return out
+    source = f"file:{Path(path).name}"
+    return [PromptItem(pid, text, source) for pid, text in read_prompt_rows(path)]
 
 
 def cli_prompts(texts: Sequence[str]) -> list[PromptItem]:
@@ -337,7 +323,7 @@ def build_samples(
 class PromptSource:
     """Where prompts come from, and what finishing one means there."""
 
-    #: Redis keys the push transaction WATCHes (the applied-id set).
+    #: Redis keys the push transaction WATCHes (the applied-id index).
     watch_keys: tuple[str, ...] = ()
     #: How often the worker calls `tick` (seconds).
     tick_every_s: float = 0.2
@@ -353,7 +339,7 @@ class PromptSource:
         return set()
 
     def add_commit(self, pipe, items: Sequence[PromptItem]) -> None:
-        """Queue what marks `items` done into the MULTI block (stream: SADD applied + XACK)."""
+        """Queue what marks `items` done into the MULTI block (stream: applied index + XACK)."""
 
     def done(self, items: Sequence[PromptItem]) -> None:
         """After the commit: forget them."""
@@ -458,12 +444,12 @@ class StreamSource(PromptSource):
 
     def applied(self, pipe, items: Sequence[PromptItem]) -> set[str]:
         ids = [it.id for it in items]
-        flags = pipe.smismember(self.consumer.applied_key, ids)
+        flags = self.consumer.applied_flags(pipe, ids)
         return {pid for pid, hit in zip(ids, flags) if hit}
 
     def add_commit(self, pipe, items: Sequence[PromptItem]) -> None:
-        pipe.sadd(self.consumer.applied_key, *[it.id for it in items])
-        pipe.xack(self.consumer.stream, self.consumer.group, *[it.entry.entry_id for it in items])
+        self.consumer.queue_commit(pipe, [it.id for it in items],
+                                   [it.entry.entry_id for it in items])
 
     def done(self, items: Sequence[PromptItem]) -> None:
         for it in items:
@@ -628,7 +614,9 @@ class RolloutWorker:
         self._seq += 1
         rid = f"rollout-{self.name}-{self._seq}"
         try:
-            await self._answer(batch, rid)
+            with tracing.span("rlhf.rollout batch", attributes={"rlhf.request_id": rid,
+                                                                "rlhf.rollout.prompts": len(batch)}):
+                await self._answer(batch, rid)  # its RPCs and its push: children of the span
         except Exception as exc:  # noqa: BLE001 - any failure: nothing pushed, nothing acked, retried
             self._failed(batch, exc, rid)
             return
@@ -676,7 +664,8 @@ class RolloutWorker:
                 [(c.prompt_token_ids, c.trajectory_token_ids) for c in comps],
                 timeout=o.rpc_timeout_s, request_id=f"{rid}-r{attempt}")
             groups = build_samples(batch, o.n, gen, score, ref, time.time_ns())
-            outcome, pushed, dups = await asyncio.to_thread(self._commit, groups, version)
+            with tracing.producer_span(o.samples_stream, count=len(comps)):  # entries carry it
+                outcome, pushed, dups = await asyncio.to_thread(self._commit, groups, version)
             if outcome == "stale":
                 self._discard_stale(len(comps), version, rid)
                 continue

@@ -49,7 +49,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from rlhf_client.datafiles import SFTExample, examples_from_payload, read_sft_jsonl
 
 from rlhf.trainer.data import split_by_source
 from rlhf.trainer.jobs import SFTJob
@@ -91,100 +93,9 @@ class SFTError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SFTExample:
-    """One supervised example: train on `completion` after `prompt` + `prefix`.
-
-    `source_id` is the payload (or JSONL row) it came from: the held-out split and the applied-id
-    bookkeeping work per payload, as for preference pairs."""
-
-    source_id: str
-    prompt: str
-    completion: str
-    prefix: str = ""
-
-    @classmethod
-    def of(cls, obj: Any) -> "SFTExample":
-        """From an SFTExample or a mapping with prompt / completion (/ prefix, id)."""
-        if isinstance(obj, cls):
-            return obj
-        get = obj.get if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
-        sid = get("source_id", None) or get("id", None) or ""
-        return cls(str(sid), str(get("prompt", "") or ""), str(get("completion", "") or ""),
-                   str(get("prefix", "") or ""))
-
-    def to_json(self) -> dict[str, str]:
-        row = {"id": self.source_id, "prompt": self.prompt, "completion": self.completion}
-        if self.prefix:
-            row["prefix"] = self.prefix
-        return row
-
-
-def _best(prompt: str, responses: Sequence[str], ranks: Sequence[int], sid: str) -> list[SFTExample]:
-    if len(responses) != len(ranks) or not responses:
-        raise ValueError(f"ranking {sid!r}: {len(ranks)} ranks for {len(responses)} responses")
-    top = min(ranks)
-    return [SFTExample(sid, prompt, r) for r, k in zip(responses, ranks) if k == top]
-
-
-def examples_from_payload(payload) -> list[SFTExample]:
-    """The SFT examples of one queue payload: an `SFTExample` payload as it is (prompt,
-    completion, prefix), a PreferencePair's chosen response, a Ranking's best-ranked
-    response(s). Raises `DataError` for any other payload type or an empty completion."""
-    from rlhfpb.v1 import samples_pb2
-
-    from rlhf.trainer.data import DataError
-
-    if isinstance(payload, samples_pb2.SFTExample):
-        if not payload.completion:
-            raise DataError(f"SFT example {payload.id!r}: empty completion")
-        return [SFTExample(payload.id, payload.prompt, payload.completion, payload.prefix)]
-    if isinstance(payload, samples_pb2.PreferencePair):
-        return [SFTExample(payload.id, payload.prompt, payload.chosen)]
-    if isinstance(payload, samples_pb2.Ranking):
-        try:
-            return _best(payload.prompt, list(payload.responses), list(payload.ranks), payload.id)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-    raise DataError(f"{payload.DESCRIPTOR.full_name} is not SFT data (SFT examples; pairs or "
-                    "rankings: their preferred responses)")
-
-
 def check_sft_payload(payload) -> None:
     """The `validate` hook of an SFT consumer: raises for payloads an SFT job can't use."""
     examples_from_payload(payload)
-
-
-def read_sft_jsonl(path: str | Path) -> list[SFTExample]:
-    """SFT examples from a JSONL file: `{"id", "prompt", "completion"[, "prefix"]}` rows,
-    preference-pair rows (their chosen response) and ranking rows (their best response(s)).
-    Raises `DataError` naming the file and line."""
-    from rlhf.trainer.data import DataError, jsonl_objects
-
-    out: list[SFTExample] = []
-    for where, default_id, obj in jsonl_objects(path):
-        sid = str(obj.get("id") or default_id)
-        prompt = obj.get("prompt", "")
-        try:
-            if "completion" in obj:
-                ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["completion"], "completion"),
-                                 _str(obj.get("prefix", ""), "prefix"))]
-            elif "chosen" in obj:
-                ex = [SFTExample(sid, _str(prompt, "prompt"), _str(obj["chosen"], "chosen"))]
-            elif "responses" in obj:
-                ex = _best(_str(prompt, "prompt"), [_str(r, "responses") for r in obj["responses"]],
-                           [int(k) for k in obj["ranks"]], sid)
-            else:
-                raise KeyError("completion")
-        except KeyError as exc:
-            raise DataError(f"{where}: missing field {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{where}: {exc}") from None
-        for e in ex:
-            if not e.completion:
-                raise DataError(f"{where}: empty completion")
-        out.extend(ex)
-    return out
 
 
 #: What an SFT job reads: examples (JSONL rows; a stream's SFTExample payloads, and its pairs'
@@ -197,12 +108,6 @@ SFT_EXAMPLES = Reader(
     min_count=lambda spec: spec.min_examples,
     split=lambda examples, spec: split_by_source(examples, spec.eval_fraction, seed=spec.seed),
 )
-
-
-def _str(v, name: str) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"{name} must be a string, got {type(v).__name__}")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------
