@@ -60,49 +60,17 @@ class SpecFileError(ValueError):
     pass
 
 
-def _parse_value(text: str) -> Any:
-    """A `--set` value: read as YAML (numbers, booleans, lists ...), as text when it is not."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def load_spec_file(path: Path, overrides: list[str]) -> dict[str, Any]:
-    """The spec in `path` (JSON, or YAML: PyYAML comes with the `train` extra) with `overrides`
-    applied."""
-    import yaml
+    """The spec in `path` (YAML or JSON) with `--set KEY=VALUE` overrides applied, read as
+    `rlhf jobs submit` reads a job spec (rlhf_client.cli.load_spec); `type` defaults to
+    `iterate`."""
+    from rlhf_client.cli import CliError, load_spec
 
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecFileError(f"{path}: {exc.strerror or exc}") from None
-    if path.suffix.lower() == ".json":
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecFileError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
-    else:
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecFileError(f"{path}: not YAML ({exc})") from None
-    if not isinstance(spec, dict):
-        raise SpecFileError(f"{path}: a spec is a mapping of fields")
+        spec = load_spec(str(path), overrides)
+    except CliError as exc:
+        raise SpecFileError(str(exc)) from None
     spec.setdefault("type", "iterate")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecFileError(f"--set {item}: expected KEY=VALUE")
-        node = spec
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SpecFileError(f"--set {item}: {part} is not a mapping")
-        node[leaf] = _parse_value(value)
     return spec
 
 
