@@ -339,6 +339,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rlhf",
         return handler(run) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
+        return 141
     except Exception as exc:  # noqa: BLE001 - one line (the traceback with --debug)
         return report(run.prog, exc, debug=run.debug, redis_url=run.redis_url)
     finally:

@@ -819,8 +819,15 @@ def _job_class(job_type: str) -> type[_Job]:
 
 def job_schema(job_type: str) -> dict[str, Any]:
     """The JSON schema of a job type's spec (fields, types, defaults, descriptions);
-    `JobRejected` for an unknown type."""
-    return _job_class(job_type).model_json_schema()
+    `JobRejected` for an unknown type. The fields every job type shares for tracking
+    (`report_to`, `logging_dir`) come last, after the job's own."""
+    schema = _job_class(job_type).model_json_schema()
+    props = schema["properties"]
+    schema["properties"] = dict(sorted(props.items(), key=lambda kv: kv[0] in _TRACKING_FIELDS))
+    return schema
+
+
+_TRACKING_FIELDS = ("report_to", "logging_dir")
 
 
 def example_spec(job_type: str) -> dict[str, Any]:
