@@ -104,10 +104,24 @@ def metric_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(names)
 
 
+def curve_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The numeric metrics of `rows` that make a curve: reported at two steps or more with more
+    than one value (a count reported once, or a constant such as `steps`, is no curve); every
+    numeric metric when none does."""
+    names = metric_names(rows)
+    curves = []
+    for name in names:
+        values = {row["step"]: v for row in rows if (v := numeric_metrics(row).get(name)) is not None}
+        if len(values) >= 2 and len(set(values.values())) > 1:
+            curves.append(name)
+    return curves or names
+
+
 def plot_metrics(rows: Sequence[Mapping[str, Any]], png: str | Path, title: str | None = None,
                  keys: Sequence[str] | None = None) -> Path:
-    """Draw `rows` (from `read_metrics`) to `png`: one panel per numeric metric (`keys`, or every
-    one), against the step. Needs matplotlib (`pip install 'rlhf[train]'`); the file's path."""
+    """Draw `rows` (from `read_metrics`) to `png`: one panel per metric (`keys`, or every one
+    that makes a curve: `curve_names`), against the step. Needs matplotlib
+    (`pip install 'rlhf[train]'`); the file's path."""
     try:
         import matplotlib
 
@@ -116,7 +130,7 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], png: str | Path, title: str 
     except ImportError as exc:
         raise ImportError("plotting job metrics needs matplotlib: pip install matplotlib "
                           "(or pip install 'rlhf[train]')") from exc
-    names = list(keys) if keys is not None else metric_names(rows)
+    names = list(keys) if keys is not None else curve_names(rows)
     if not names:
         raise ValueError("no numeric metrics to plot" + ("" if rows else ": the job has no history"))
     cols = min(3, len(names))

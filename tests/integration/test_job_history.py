@@ -377,3 +377,14 @@ def test_a_process_keeps_the_gauges_of_its_most_recent_jobs_only():
     assert exported() == set(ids[5:7])
     keep_train_jobs([])
     assert exported() == set()
+
+
+def test_the_default_plot_draws_curves_not_counts():
+    from rlhf_client.history import curve_names
+
+    rows = [{"step": 0, "time": 0.0, "pairs": 64, "train_pairs": 58},
+            *({"step": s, "time": float(s), "train_loss": 1.0 / s, "steps": 30, "lr": 1e-4}
+              for s in range(1, 5)),
+            {"step": 4, "time": 5.0, "train_pairs": 58, "eval_loss": 0.3}]
+    assert curve_names(rows) == ["train_loss"]  # one value per step, and it changes
+    assert curve_names(rows[:1]) == ["pairs", "train_pairs"]  # no curve at all: every metric
