@@ -1,7 +1,10 @@
 """Scoring services with micro-batching on vs. off, measured side by side in one run.
 
-    python bench/scoring.py [--size tiny|small] [--callers 64] [--seconds 8] [--torch-threads N]
-                            [--client-procs 2] [--services reward reference]
+    python bench/scoring.py [--workload batching|dpo] [--size tiny|small] [--callers 64]
+                            [--seconds 8] [--torch-threads N] [--client-procs 2]
+                            [--services reward reference]
+
+Workload `batching` (the default):
 
 For each service (`rlhf serve reward` / `rlhf serve reference`, each in its own process, gRPC on
 loopback) and each mode, `--callers` concurrent callers each send one item per request, back to
@@ -14,6 +17,19 @@ reward service, the same pairs as token ids for the reference service.
 Reported: requests/s, p50 and p99 latency per request (client side), mean items per forward
 (from the service's rlhf_batch_size histogram), and the on/off ratios.
 Targets (scoring issue): throughput on ≥ 5× off, p99 on ≤ p99 off; exit status 1 when missed.
+
+Workload `dpo` (issue 19, shared prompts scored once): every request is one preference pair — a
+prompt and two completions, token ids, about 3 prompt tokens for 1 completion token (prompts
+`--prompt-tokens` ± 25 %, each completion a third of its prompt ± 25 %, cut from the tiny models'
+corpus) — `Score` with the two (prompt, completion) items for the reward service, `LogProbs`
+with the two items for the reference service. Both modes batch (`--max-batch-size` = 2 ×
+callers); they differ only in the service's `RLHF_SHARE_PROMPTS`:
+  today    false: every item computed from scratch (the per-item path)
+  shared   true: a prompt shared by items of a batch computed once (prefix KV reuse)
+`--rounds N` runs today and shared N times in turn (load that comes and goes on a shared machine
+then hits both alike). Reported: items/s, p50 / p99 per request, items per forward, and
+shared/today of the mean items/s (target ≥ 1.5×), with each round's ratio; exit status 1 when
+missed.
 """
 
 from __future__ import annotations
@@ -42,10 +58,16 @@ class Run:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    mode: str = ""  # dpo workload: "today" or "shared"
+    items_per_request: int = 1
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def items_per_s(self) -> float:
+        return self.rps * self.items_per_request
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -54,6 +76,27 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     lines = [line for line in synthetic_corpus() if 20 <= len(line) <= 120]
     rng = random.Random(seed)
     return [(rng.choice(lines), " " + rng.choice(lines)) for _ in range(n)]
+
+
+def make_dpo_requests(tok, n: int, prompt_tokens: int, seed: int) -> list[list[tuple[list[int], list[int]]]]:
+    """`n` requests, each one pair [(prompt, chosen), (prompt, rejected)] of token ids cut from the
+    corpus: prompts of `prompt_tokens` ± 25 %, each completion a third of its prompt ± 25 %."""
+    from rlhf.models.tiny import synthetic_corpus
+
+    stream = [t for line in synthetic_corpus() for t in tok.encode(" " + line, add_special_tokens=False,
+                                                                    verbose=False)]
+    rng = random.Random(seed)
+
+    def cut(k: int) -> list[int]:
+        at = rng.randrange(0, len(stream) - k)
+        return stream[at : at + k]
+
+    out = []
+    for _ in range(n):
+        p = rng.randint(round(prompt_tokens * 0.75), round(prompt_tokens * 1.25))
+        prompt = cut(p)
+        out.append([(prompt, cut(max(1, round(p / 3 * rng.uniform(0.75, 1.25))))) for _ in range(2)])
+    return out
 
 
 def metrics_port(log_path: Path) -> int:
@@ -99,7 +142,8 @@ async def drive(service: str, target: str, items: list, callers: range, stride: 
                 t0 = time.time()
                 if t0 >= window[1]:
                     return
-                await call([items[i % len(items)]])
+                item = items[i % len(items)]
+                await call(item if isinstance(item, list) else [item])  # a list: one request's items
                 t1 = time.time()
                 if t0 >= window[0]:
                     latencies.append(t1 - t0)
@@ -132,14 +176,18 @@ def run_callers(service: str, target: str, items: list, args) -> tuple[list[floa
     return latencies, max(end for _, end in parts) - window[0]
 
 
-def bench_one(service: str, model_dir: Path, items: list, batching: bool, args, workdir: Path) -> Run:
+def bench_one(service: str, model_dir: Path, items: list, batching: bool, args, workdir: Path,
+              mode: str = "") -> Run:
     from rlhf.procs import start_service
 
-    max_batch = args.callers if batching else 1
-    log = workdir / f"{service}-{'on' if batching else 'off'}.log"
+    per_request = len(items[0]) if isinstance(items[0], list) else 1
+    max_batch = args.callers * per_request if batching else 1
+    log = workdir / f"{service}-{mode or ('on' if batching else 'off')}.log"
     env = dict(os.environ)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)  # torch's intra-op threads in the service
+    if mode:
+        env["RLHF_SHARE_PROMPTS"] = "true" if mode == "shared" else "false"
     svc = start_service(service, ["--model", str(model_dir), "--metrics-port", "0",
                                   "--max-batch-size", str(max_batch)], log, env=env)
     try:
@@ -152,11 +200,98 @@ def bench_one(service: str, model_dir: Path, items: list, batching: bool, args, 
         svc.stop()
     lat.sort()
     return Run(service, batching, len(lat), elapsed, 1000 * percentile(lat, 0.5), 1000 * percentile(lat, 0.99),
-               mean_batch)
+               mean_batch, mode, per_request)
+
+
+def forward_ratio(service: str, model_dir: Path, requests: list, args) -> tuple[float, float]:
+    """One batch of `args.callers` pairs run in this process by the service's own batch function,
+    today's path and the shared path in turn, `args.forward_reps` times each: the best seconds
+    of each (the compute alone, without gRPC, callers or the batcher's timing)."""
+    import torch
+
+    from rlhf.config import Settings
+    from rlhf.models.info import ModelRef
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    pairs = [item for r in requests[: args.callers] for item in r]
+    ref = ModelRef(service, "bench")
+    if service == "reward":
+        import rlhf.reward.scorer as mod
+
+        loaded = mod._load(model_dir, ref, Settings())
+        batch = [mod._Item(loaded, tuple(p) + tuple(c), len(p)) for p, c in pairs]
+        run = mod.score_batch
+    else:
+        import rlhf.reference.logprobs as mod
+
+        loaded = mod._load(model_dir, ref, Settings())
+        batch = [mod._Item(loaded, len(p), tuple(p) + tuple(c)) for p, c in pairs]
+        run = mod.logprobs_batch
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(args.forward_reps):
+        for share in (False, True):
+            loaded.share_prompts = share
+            t0 = time.perf_counter()
+            run(batch)
+            best[share] = min(best[share], time.perf_counter() - t0)
+    return best[False], best[True]
+
+
+def main_dpo(args, dirs: dict, tok) -> int:
+    """Workload `dpo`: one pair per request, shared prompts off (today) vs on, side by side."""
+    requests = make_dpo_requests(tok, 512, args.prompt_tokens, args.seed)
+    p = [len(r[0][0]) for r in requests]
+    c = [len(x[1]) for r in requests for x in r]
+    print(f"# {args.size} models, {args.callers} callers × 1 pair per request ({args.client_procs} client "
+          f"processes), {args.seconds:.0f} s per run; prompt {min(p)}–{max(p)} tokens (mean "
+          f"{statistics.mean(p):.0f}), completions {min(c)}–{max(c)} (mean {statistics.mean(c):.0f}): "
+          f"prompt:completion {statistics.mean(p) / statistics.mean(c):.2f}:1", file=sys.stderr)
+    runs: list[Run] = []
+    for service in args.services:
+        for k in range(args.rounds):
+            for mode in ("today", "shared"):
+                run = bench_one(service, dirs[service], requests, True, args, workdir=args.workdir_path,
+                                mode=mode)
+                print(f"  {service:9s} {mode:6s} round {k + 1}: {run.items_per_s:8.1f} items/s  p50 "
+                      f"{run.p50_ms:7.1f} ms  p99 {run.p99_ms:7.1f} ms  items/forward {run.mean_batch:5.1f}",
+                      file=sys.stderr)
+                runs.append(run)
+    print("\n| service | prompts | requests | items/s | p50 ms | p99 ms | items/forward |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r.service} | {r.mode} | {r.requests} | {r.items_per_s:.1f} | {r.p50_ms:.1f} | "
+              f"{r.p99_ms:.1f} | {r.mean_batch:.1f} |")
+    if args.forward_reps:
+        print(f"\nOne batch of {2 * args.callers} items ({args.callers} pairs) in-process, the service's batch "
+              f"function, best of {args.forward_reps} (today and shared in turn):\n")
+        print("| service | today s | shared s | today/shared |")
+        print("|---|---|---|---|")
+        for service in args.services:
+            today_s, shared_s = forward_ratio(service, dirs[service], requests, args)
+            print(f"| {service} | {today_s:.3f} | {shared_s:.3f} | {today_s / shared_s:.2f}× |")
+    print("\n| service | items/s shared/today (target ≥ 1.5×) | each round | p99 shared/today |")
+    print("|---|---|---|---|")
+    ok = True
+    for service in args.services:
+        today = [r for r in runs if r.service == service and r.mode == "today"]
+        shared = [r for r in runs if r.service == service and r.mode == "shared"]
+        speed = statistics.mean(r.items_per_s for r in shared) / max(1e-9, statistics.mean(r.items_per_s for r in today))
+        rounds = ", ".join(f"{b.items_per_s / max(1e-9, a.items_per_s):.2f}×" for a, b in zip(today, shared))
+        tail = statistics.mean(r.p99_ms for r in shared) / max(1e-9, statistics.mean(r.p99_ms for r in today))
+        ok &= speed >= 1.5
+        print(f"| {service} | {speed:.2f}× | {rounds} | {tail:.2f} |")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["batching", "dpo"], default="batching",
+                   help="batching: micro-batching on vs off; dpo: shared prompts off vs on")
+    p.add_argument("--prompt-tokens", type=int, default=96, help="dpo: mean prompt length in tokens")
+    p.add_argument("--rounds", type=int, default=1, help="dpo: today/shared runs in turn, per service")
+    p.add_argument("--forward-reps", type=int, default=5,
+                   help="dpo: also time one batch in-process, today/shared in turn, this many times (0: skip)")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny-model size")
     p.add_argument("--callers", type=int, default=64)
     p.add_argument("--seconds", type=float, default=8.0, help="measured window per run")
@@ -179,8 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         "reward": make_tiny_model("reward", workdir / f"reward-{args.size}", size=args.size, seed=args.seed),
         "reference": make_tiny_model("policy", workdir / f"reference-{args.size}", size=args.size, seed=args.seed),
     }
-    pairs = make_pairs(512, args.seed)
     tok = load_tokenizer(dirs["reference"])
+    if args.workload == "dpo":
+        args.workdir_path = workdir
+        try:
+            return main_dpo(args, dirs, tok)
+        finally:
+            if tmp:
+                tmp.cleanup()
+    pairs = make_pairs(512, args.seed)
     id_pairs = [(tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)) for a, b in pairs]
     lengths = [len(a) + len(b) for a, b in id_pairs]
     print(f"# {args.size} models, {args.callers} callers × 1 item per request ({args.client_procs} client "

@@ -41,7 +41,9 @@ class ReferenceClient(SyncBase):
 
     def logprobs(self, items: Sequence[LogProbsItemLike], *, timeout: float | None = None,
                  request_id: str | None = None) -> LogProbsResult:
-        """log π_ref of every completion token of every (prompt_ids, completion_ids) item."""
+        """log π_ref of every completion token of every (prompt_ids, completion_ids) item. Send the
+        completions of one prompt (a DPO pair, a group of samples) in one request: the service
+        computes that prompt once."""
         resp = self._unary(self._stub.LogProbs, _request(items), timeout=timeout, request_id=request_id)
         return _result(resp)
 

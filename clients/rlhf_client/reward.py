@@ -64,13 +64,15 @@ class RewardClient(SyncBase):
 
     def score(self, items: Sequence[ScoreItemLike], *, timeout: float | None = None,
               request_id: str | None = None) -> ScoreResult:
-        """One reward per (prompt, response) item, in order."""
+        """One reward per (prompt, response) item, in order. Send the responses to one prompt (a
+        pair, a group of samples) in one request: the service computes that prompt once."""
         resp = self._unary(self._stub.Score, _score_request(items), timeout=timeout, request_id=request_id)
         return _score_result(resp)
 
     def compare(self, prompt: TextOrIds, response_a: TextOrIds, response_b: TextOrIds, *,
                 timeout: float | None = None, request_id: str | None = None) -> CompareResult:
-        """P(a ≻ b) = σ(r_a − r_b) and both rewards (all text, or all token ids)."""
+        """P(a ≻ b) = σ(r_a − r_b) and both rewards (all text, or all token ids); one request, the
+        prompt computed once."""
         req = _compare_request(prompt, response_a, response_b)
         return _compare_result(self._unary(self._stub.Compare, req, timeout=timeout, request_id=request_id))
 

@@ -12,6 +12,14 @@ Batches are right-padded with the pad id, so every real token sits where it woul
 padding, never attends to a pad, and the pooled position is each row's last real token: padding
 does not change a result.
 
+Shared prompts (`Settings.share_prompts`, on by default): when items of a batch — of one request
+or of several the batcher coalesced — have the same prompt tokens (a `compare`'s two responses,
+PPO's n samples of a prompt), each distinct prompt runs once and its key/value cache is expanded
+over its responses (`rlhf.serving.shared_prefix`); the score head reads each item's last token.
+Rewards equal the per-item path's within float rounding (1e-5 in fp32, tested). A batch with no
+prompt twice, a model without a plain linear `score` head, or one the shared-prefix forward is
+not exact for (`shared_prefix.usable`) takes the right-padded path.
+
 Versions: each request is pinned when it is admitted to the model serving then; a batch holds
 one model only (the batcher's key), so both rewards of a `compare` always come from one version.
 `load_version` loads beside the serving model in another thread, warms it up, lets the swapper
@@ -30,8 +38,10 @@ from typing import Sequence
 from rlhf.config import Settings
 from rlhf.errors import InvalidArgument, ResourceExhausted, ServiceError
 from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.models.reward_head import _linear_score_head
 from rlhf.serving.batched_model import BatchedModel, run_candidate
 from rlhf.serving.batcher import calibrate_forward_cost, length_groups
+from rlhf.serving.shared_prefix import canonical_order, has_shared_prompts, shared_prefix_hidden, usable
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +120,7 @@ class _Loaded:
     pad_id: int
     device: object
     forward_cost_tokens: int = 128  # fixed cost of one forward pass, in tokens (see length_groups)
+    share_prompts: bool = True  # a prompt shared by items of a batch runs once
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +128,8 @@ class _Item:
     """One token sequence to score on one pinned model (what the batcher carries)."""
 
     loaded: _Loaded
-    ids: tuple[int, ...]
+    ids: tuple[int, ...]  # prompt + response
+    prompt_len: int = 0  # the leading tokens items may share
 
 
 def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
@@ -136,24 +148,59 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
         vocab_size=int(model.config.vocab_size),
     )
     device = next(model.parameters()).device
-    return _Loaded(ref, model, tokenizer, info, int(pad), device)
+    return _Loaded(ref, model, tokenizer, info, int(pad), device,
+                   share_prompts=bool(settings.share_prompts))
 
 
 def score_batch(items: list[_Item]) -> list[float | BaseException]:
     """Rewards of `items` (one model); runs in the worker thread.
 
-    The batch is split into a few right-padded forward passes of similar lengths
-    (`length_groups`). A non-finite reward is that item's own error (INTERNAL: the model, not
-    the caller, is at fault).
+    With shared prompts on and a prompt that occurs twice: each distinct prompt once
+    (`_forward_shared`). Otherwise the batch is split into a few right-padded forward passes of
+    similar lengths (`length_groups`). A non-finite reward is that item's own error (INTERNAL:
+    the model, not the caller, is at fault).
     """
     loaded = items[0].loaded
-    out: list[float | BaseException] = [0.0] * len(items)
-    groups = length_groups([len(it.ids) for it in items], forward_cost_tokens=loaded.forward_cost_tokens)
-    for group in groups:
-        for i, s in zip(group, _forward([items[i].ids for i in group], loaded)):
-            out[i] = s if math.isfinite(s) else ServiceError(
-                f"the reward model produced a non-finite reward ({s})"
-            )
+    rewards: list[float] = [0.0] * len(items)
+    if loaded.share_prompts and _shareable(items, loaded):
+        rewards = _forward_shared(items, loaded)
+    else:
+        groups = length_groups([len(it.ids) for it in items], forward_cost_tokens=loaded.forward_cost_tokens)
+        for group in groups:
+            for i, s in zip(group, _forward([items[i].ids for i in group], loaded)):
+                rewards[i] = s
+    return [s if math.isfinite(s) else ServiceError(f"the reward model produced a non-finite reward ({s})")
+            for s in rewards]
+
+
+def _split(it: _Item) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prompt, response); an item without a prompt is split after its first token."""
+    p = it.prompt_len if 0 < it.prompt_len < len(it.ids) else 1
+    return it.ids[:p], it.ids[p:]
+
+
+def _shareable(items: list[_Item], loaded: _Loaded) -> bool:
+    """A prompt occurs twice, and the shared-prefix forward is exact for this model."""
+    return (has_shared_prompts([_split(it)[0] for it in items])
+            and _linear_score_head(loaded.model) is not None
+            and usable(loaded.model, max(len(it.ids) for it in items)))
+
+
+def _forward_shared(items: list[_Item], loaded: _Loaded) -> list[float]:
+    """The batch with each distinct prompt computed once (its KV cache expanded over its items);
+    the score head on each item's last token, `(B,)` as floats."""
+    import torch
+
+    pairs = [_split(it) for it in items]
+    order = canonical_order(pairs)  # computed in this order, whatever the request's
+    with torch.inference_mode():
+        hidden = shared_prefix_hidden(loaded.model, [pairs[i] for i in order], pad_id=loaded.pad_id,
+                                      forward_cost_tokens=loaded.forward_cost_tokens)
+        pooled = torch.stack([h[-1] for h in hidden])  # (B, H): each item's last token
+        scores = loaded.model.score(pooled)[:, 0].float().cpu().tolist()
+    out = [0.0] * len(items)
+    for j, i in enumerate(order):
+        out[i] = scores[j]
     return out
 
 
@@ -199,7 +246,7 @@ class RewardScorer(BatchedModel):
 
     def _candidate(self, loaded: _Loaded):
         async def run(items) -> list[float]:
-            return await run_candidate(score_batch, [_Item(loaded, tuple(p) + tuple(r)) for p, r in items])
+            return await run_candidate(score_batch, [_Item(loaded, tuple(p) + tuple(r), len(p)) for p, r in items])
 
         return run
 
@@ -212,7 +259,7 @@ class RewardScorer(BatchedModel):
         limit = self._settings.max_prompts_per_request
         if len(items) > limit:
             raise ResourceExhausted(f"items: {len(items)} items, the limit is {limit}")
-        batch = [_Item(loaded, self._item_ids(loaded, f"items[{i}]", it)) for i, it in enumerate(items)]
+        batch = [self._item(loaded, f"items[{i}]", it) for i, it in enumerate(items)]
         rewards = await self.batcher.submit(batch)
         return rewards, loaded.ref
 
@@ -225,21 +272,21 @@ class RewardScorer(BatchedModel):
                 if getattr(req, name):
                     raise InvalidArgument(name, "set the text fields or the token-id fields, not both")
             prompt = req.prompt_ids or ()
-            seqs = [
+            batch = [
                 self._token_ids(loaded, "", prompt, response or (), "prompt_ids.ids", f"{name}.ids")
                 for name, response in (("response_a_ids", req.response_a_ids),
                                        ("response_b_ids", req.response_b_ids))
             ]
         else:
-            seqs = [
+            batch = [
                 self._text_ids(loaded, "", req.prompt, req.response_a, "prompt", "response_a"),
                 self._text_ids(loaded, "", req.prompt, req.response_b, "prompt", "response_b"),
             ]
-        ra, rb = await self.batcher.submit([_Item(loaded, s) for s in seqs])
+        ra, rb = await self.batcher.submit(batch)
         return CompareResult(sigmoid(ra - rb), ra, rb, loaded.ref)
 
     # -------------------------------------------------------------- validation
-    def _item_ids(self, loaded: _Loaded, path: str, item: ScoreItemInput) -> tuple[int, ...]:
+    def _item(self, loaded: _Loaded, path: str, item: ScoreItemInput) -> _Item:
         if item.response_ids is not None or item.prompt_ids is not None:
             return self._token_ids(loaded, f"{path}.tokens", item.prompt_ids or (), item.response_ids or (),
                                    "prompt_ids", "response_ids")
@@ -260,7 +307,7 @@ class RewardScorer(BatchedModel):
         r_ids = tuple(tok.encode(response, add_special_tokens=False, verbose=False))
         if not r_ids:
             raise InvalidArgument(self._join(path, r_name), "the response encodes to no tokens")
-        return self._fits(loaded, path or r_name, p_ids + r_ids)
+        return self._fits(loaded, path or r_name, p_ids, r_ids)
 
     def _token_ids(self, loaded, path, prompt_ids, response_ids, p_name: str, r_name: str):
         if not response_ids:
@@ -272,22 +319,23 @@ class RewardScorer(BatchedModel):
                     raise InvalidArgument(
                         f"{self._join(path, name)}[{j}]", f"token id {t} outside the vocabulary [0, {vocab})"
                     )
-        return self._fits(loaded, path or r_name, tuple(prompt_ids) + tuple(response_ids))
+        return self._fits(loaded, path or r_name, tuple(prompt_ids), tuple(response_ids))
 
     @staticmethod
-    def _fits(loaded: _Loaded, path: str, ids: tuple[int, ...]) -> tuple[int, ...]:
+    def _fits(loaded: _Loaded, path: str, prompt: tuple[int, ...], response: tuple[int, ...]) -> _Item:
+        ids = prompt + response
         ctx = loaded.info.max_context
         if len(ids) > ctx:
             raise InvalidArgument(
                 path, f"prompt + response is {len(ids)} tokens; the model's context is {ctx}"
             )
-        return ids
+        return _Item(loaded, ids, len(prompt))
 
     # -------------------------------------------------------------- loading (worker thread)
     def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
         loaded = _load(model_dir, ref, self._settings)
         probe = tuple(min(t, loaded.info.vocab_size - 1) for t in (5, 6, 7, 8))
-        (reward,) = score_batch([_Item(loaded, probe)])
+        (reward,) = score_batch([_Item(loaded, probe, 2)])
         if isinstance(reward, BaseException):
             raise reward
         vocab = loaded.info.vocab_size

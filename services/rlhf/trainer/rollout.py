@@ -9,6 +9,9 @@ from a list, and works on several batches at once. For one batch of prompts it m
 2. ONE `Score` call: (prompt text, kept completion text) of every sample;
 3. ONE `LogProbs` call to the reference: (prompt ids, trajectory ids) of every sample;
 
+(the n samples of a prompt share its prompt tokens within the one `Score` and the one `LogProbs`
+request, so both services compute each prompt once: `rlhf.serving.shared_prefix`)
+
 then pushes the samples of each prompt (its group) and, for a stream prompt, acks the prompt
 entry and records its id as applied, all in ONE MULTI/EXEC: a group is in the samples stream
 whole or not at all, and exactly when its prompt is done.
