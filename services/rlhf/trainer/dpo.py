@@ -36,7 +36,8 @@ the ids it applied, commit the stream entries, activate if asked. The Celery tas
   `train_margin_first_step`: log 2 and 0 when the reference is the base, computed like the
   policy); the policy's and the reference's dtypes (`policy_dtype`, `reference_dtype`).
 - Dtypes: the policy trains in float32. Reference log-probs computed in another dtype (a
-  ReferenceService run with RLHF_DTYPE=bfloat16) differ from the policy's own at step 0, so the
+  ReferenceService run with RLHF_DTYPE=bfloat16, or a local reference on a worker with that
+  setting: `make_reference` loads it in the worker's dtype) differ from the policy's own at step 0, so the
   job starts off log 2 even from the reference itself; it trains on, logs a warning and
   records both dtypes (and `dtype_matches_policy: false` in the manifest's `reference`).
 - A NaN or infinite loss, gradient norm or weight fails the job naming the step, before the
@@ -247,11 +248,12 @@ class LocalReference:
     """A reference checkpoint loaded here (frozen, inference mode)."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_items: int = 64,
-                 model=None):
+                 model=None, dtype: str = "float32"):
         from rlhf.models.loading import load_causal_lm
 
         self.model_dir = Path(model_dir)
-        self.model = model if model is not None else load_causal_lm(self.model_dir, device=device)
+        self.model = model if model is not None else load_causal_lm(
+            self.model_dir, device=device, dtype=dtype)  # log-softmax in fp32 whatever the dtype
         self.model.requires_grad_(False)
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         cfg = self.model.config
@@ -475,8 +477,9 @@ class DPOTrainResult:
 
 
 def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: str = "cpu",
-                   token: str | None = None) -> "ReferenceSource":
-    """The reference source the spec names (`store` resolves `reference.version`)."""
+                   token: str | None = None, dtype: str = "float32") -> "ReferenceSource":
+    """The reference source the spec names (`store` resolves `reference.version`); a local one
+    is loaded in `dtype` (the worker's `RLHF_DTYPE`, as the reference service would serve)."""
     ref = spec.reference
     if ref.source == "service":
         from rlhf_client import ReferenceClient
@@ -492,7 +495,7 @@ def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: st
         ref_dir = store.path(spec.model_name, ref.version)
     else:
         ref_dir = Path(base_dir)
-    return LocalReference(ref_dir, device=device, batch_items=ref.batch_items)
+    return LocalReference(ref_dir, device=device, batch_items=ref.batch_items, dtype=dtype)
 
 
 def _lr_factor(step: int, total: int, spec: DPOJob) -> float:
@@ -704,7 +707,7 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
     reference = None
     if spec.needs_reference:
         reference = make_reference(spec, base_dir=got.base.model_dir, store=got.store,
-                                   device=settings.device, token=token)
+                                   device=settings.device, token=token, dtype=settings.dtype)
     with tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
         try:
             result = train_dpo(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
