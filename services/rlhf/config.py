@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, gt=0, description="Most sequences in one forward batch.")
     batch_max_tokens: int = Field(65536, gt=0, description="Most padded tokens in one batch.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for company.")
+    batch_prefill_chunk: int = Field(
+        512, gt=0, description="hf policy: most prompt tokens (rows × columns) of samples joining "
+        "a running batch prefilled between two decode steps; longer prompts take several steps."
+    )
+    share_prompts: bool = Field(
+        True, description="Reward/reference: a prompt shared by items of a batch is computed once "
+        "(packed forward, shared prefix); false: every item from scratch."
+    )
 
     # --- model ---------------------------------------------------------------------------------
     model_dir: Path | None = Field(None, description="Serve this directory, pinned.")
@@ -67,7 +75,14 @@ class Settings(BaseSettings):
     store_dir: Path = Field(Path("./model-store"), description="Model store root.")
     backend: Backend = Field("hf", description="Policy engine: hf (transformers) or vllm.")
     device: str = Field("cpu", description="torch device for the hf backend and the trainer.")
-    dtype: DType = Field("float32", description="Weights dtype for serving.")
+    dtype: DType = Field(
+        "float32",
+        description="Weights dtype of the policy (hf backend), reward and reference services "
+        "and of a DPO job's local reference (logits are upcast to fp32 for log-softmax and "
+        "sampling). auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions (AMX / "
+        "AVX512-BF16), else float32 (rlhf.models.loading.resolve_dtype). bfloat16 on a CPU "
+        "without them is correct but slower than float32 (docs/benchmarks.md, issue 19).",
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads (unset: torch's default, one per core)."
     )

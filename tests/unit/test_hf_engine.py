@@ -480,3 +480,99 @@ async def test_tiny_temperatures_are_greedy(engine, prompt_ids, temperature):
                                                                         return_logprobs=True))
     assert {k: v[:3] for k, v in got.items()} == {k: v[:3] for k, v in want.items()}
     assert params.greedy and not SamplingConfig(max_new_tokens=1, temperature=1e-5).greedy
+
+
+# ------------------------------------------------------------------------------------------------
+# continuous batching on mixed lengths (issue 19)
+# ------------------------------------------------------------------------------------------------
+
+
+async def test_finished_rows_are_evicted_at_their_last_step(engine, prompt_ids):
+    """Rows of one batch with different lengths: each costs exactly its own steps (a finished row
+    is dropped from the batch at once, never carried to the longest member's end), and the
+    engine counts one running row once the short ones are done."""
+    lengths = [2, 5, 9, 300]
+    before = engine.stats()
+    calls = [
+        asyncio.ensure_future(collect(engine, specs_for([p]), SamplingConfig(
+            max_new_tokens=n, min_new_tokens=n, temperature=0.0)))
+        for p, n in zip(prompt_ids, lengths)
+    ]
+    await asyncio.gather(*calls[:3])
+    await wait_until(lambda: calls[3].done() or engine.active_sequences() == 1)
+    results = await asyncio.gather(*calls)
+    after = engine.stats()
+    assert [len(r[(0, 0)][0]) for r in results] == lengths
+    assert after["batches"] - before["batches"] == 1
+    assert after["tokens"] - before["tokens"] == sum(lengths)
+
+
+async def test_seeded_rows_joining_mid_batch_equal_running_alone(engine, prompt_ids):
+    """Sampled requests that join a running batch at different steps give, seed for seed, the
+    tokens (and log-probs) they give when each runs alone; so does the long row they joined."""
+    params = SamplingConfig(max_new_tokens=24, temperature=1.0)
+    long_params = SamplingConfig(max_new_tokens=120, min_new_tokens=120, temperature=1.0)
+    joiners = [SampleSpec(0, 0, p, 50 + i) for i, p in enumerate(prompt_ids[:3])]
+    long_spec = SampleSpec(0, 0, prompt_ids[3], 7)
+    alone = [(await collect(engine, [s], params))[(0, 0)] for s in joiners]
+    long_alone = (await collect(engine, [long_spec], long_params))[(0, 0)]
+
+    tokens_before = engine.stats()["tokens"]
+    long_task = asyncio.ensure_future(collect(engine, [long_spec], long_params))
+    await wait_until(lambda: engine.stats()["tokens"] > tokens_before)  # the long batch runs
+    batches_before = engine.stats()["batches"]
+    joined = []
+    for k, spec in enumerate(joiners):  # one after another: each joins at a later step
+        if k:
+            mark = engine.stats()["tokens"]
+            await wait_until(lambda: engine.stats()["tokens"] > mark + 3)
+        joined.append(asyncio.ensure_future(collect(engine, [spec], params)))
+    joined = await asyncio.gather(*joined)
+    assert not long_task.done(), "a joiner had to wait for the long batch to end"
+    assert engine.stats()["batches"] == batches_before  # every one joined the running batch
+    for a, b in zip(alone, joined):
+        assert b[(0, 0)][0] == a[0]
+        assert b[(0, 0)][1] == pytest.approx(a[1], abs=1e-5)
+    long = (await long_task)[(0, 0)]
+    assert long[0] == long_alone[0]
+    assert long[1] == pytest.approx(long_alone[1], abs=1e-5)
+
+
+async def test_long_prompt_joins_in_chunks_without_stalling_decode(model_dirs, reference_models, prompt_ids):
+    """A long prompt joining a running batch is prefilled a chunk per decode step (4 prompt
+    tokens here): the running row keeps producing tokens meanwhile, and every output — the
+    long prompt's, a short prompt left-padded beside it, the running row's — is the naive one."""
+    eng = HFEngine(Settings(batch_max_wait_ms=30, batch_max_size=16, batch_prefill_chunk=4), model_dirs[0], V1)
+    await eng.start()
+    try:
+        long_prompt = tuple(eng.tokenizer.encode(" ".join([PROMPTS[2]] * 5), add_special_tokens=False))
+        assert len(long_prompt) >= 60
+        running_params = SamplingConfig(max_new_tokens=300, min_new_tokens=300, temperature=0.0)
+        seen = {"running": 0}
+
+        async def running():
+            ids = []
+            async for d in eng.generate(specs_for(prompt_ids[:1]), running_params):
+                ids.extend(d.token_ids)
+                seen["running"] = len(ids)
+            return ids
+
+        run_task = asyncio.ensure_future(running())
+        await wait_until(lambda: seen["running"] > 0)
+        batches = eng.stats()["batches"]
+        at_submit = seen["running"]
+        first_at = None
+        joined: dict = {}
+        async for d in eng.generate(specs_for([long_prompt, prompt_ids[1]]), GREEDY):
+            if first_at is None:
+                first_at = seen["running"]
+            joined.setdefault(d.prompt_index, []).extend(d.token_ids)
+        assert eng.stats()["batches"] == batches  # it joined the running batch
+        # 2 rows × ≥ 60 columns at 4 tokens a step: ≥ 30 prefill chunks, a decode step after each
+        assert first_at - at_submit >= len(long_prompt) // 2 - 2, (at_submit, first_at)
+        model = reference_models[V1]
+        assert joined[0] == naive_greedy(model, long_prompt, GREEDY.max_new_tokens)
+        assert joined[1] == naive_greedy(model, prompt_ids[1], GREEDY.max_new_tokens)
+        assert await run_task == naive_greedy(model, prompt_ids[0], 300, min_new_tokens=300)
+    finally:
+        await eng.close()

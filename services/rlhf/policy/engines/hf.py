@@ -8,8 +8,11 @@ Shape of the engine:
   sequences, `batch_max_tokens` padded tokens, or `batch_max_wait_ms` after the oldest arrived.
 - One worker thread runs each batch with torch: a left-padded prefill, then one token per step
   for every row, with a `DynamicCache`. Finished and cancelled rows are dropped from the batch
-  (rows of the cache and the mask), so short samples stop costing compute. Deltas are handed
-  back to the loop with `call_soon_threadsafe`, one hop per step.
+  at the step they end (rows of the cache and the mask), so short samples stop costing compute,
+  and columns that became padding in every row (the longest prompt left) are cut. Samples that
+  arrive meanwhile join the running batch: prefilled beside it, at most `batch_prefill_chunk`
+  prompt tokens between two decode steps (a long prompt never stalls decoding for long), then
+  merged. Deltas are handed back to the loop with `call_soon_threadsafe`, one hop per step.
 
 Versions: each request is pinned at admission to the model serving then (`info.ref`); a batch
 holds requests of one model only, so a batch (and a request, even one split over several
@@ -52,6 +55,7 @@ from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
+from rlhf.serving.swap import swap_phase
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,11 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 
 def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
     """Load model and tokenizer (safetensors, no remote code) into eval, no-grad mode."""
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, max_context
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, max_context, resolve_dtype
 
-    dtype = settings.dtype
-    if dtype == "auto":  # half precision where it is fast, fp32 on CPU
-        dtype = "bfloat16" if torch.device(settings.device).type == "cuda" else "float32"
+    # "auto": bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32; logits are
+    # upcast to fp32 before log-softmax / sampling (`_Batch._forward`), whatever the weights
+    dtype = resolve_dtype(settings.dtype, settings.device)
     model = load_causal_lm(model_dir, dtype=dtype, device=settings.device)
     model.eval()
     model.requires_grad_(False)
@@ -116,6 +120,45 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
     )
     device = next(model.parameters()).device
     return _Loaded(ref, model, tokenizer, info, eos, int(pad), device)
+
+
+def _load_like(current: _Loaded, current_dir: Path, model_dir: Path, ref: ModelRef) -> _Loaded | None:
+    """A swap's fast path: when every file but the weights is byte-identical to the serving
+    version's (config, generation config, tokenizer), the new safetensors go into a copy of the
+    serving model and its tokenizer is shared: no config parsing, model construction or tokenizer
+    load. None when anything else differs, or the weights' names or shapes are not the model's
+    (the caller loads from scratch). Reads the safetensors once; the swapper checks them against
+    the manifest meanwhile (`check_safe_dir` here: only safe formats are ever read)."""
+    import copy
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from rlhf.models.loading import check_safe_dir
+    from rlhf.models.store import same_but_weights
+
+    try:
+        check_safe_dir(model_dir)
+        if not same_but_weights(model_dir, current_dir):
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(model_dir).glob("*.safetensors")):
+            state.update(load_file(path))
+    except (OSError, ValueError):
+        return None
+    model = copy.deepcopy(current.model)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    try:
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # a shape differs
+        return None
+    if unexpected or set(missing) - tied:
+        return None
+    model.eval()
+    model.requires_grad_(False)
+    return _Loaded(ref, model, current.tokenizer, dataclasses.replace(current.info, ref=ref),
+                   current.eos_ids, current.pad_id, current.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,20 +421,36 @@ class _Batch:
         self.rows = rows
         self.cache = DynamicCache(config=loaded.model.config)
         self.attn: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
+        self._prompt: tuple[torch.Tensor, ...] | None = None  # ids, mask, positions while prefilling
+        self._done = 0  # prompt columns prefilled so far
 
-    def prefill(self) -> torch.Tensor:
-        """Run the prompts; returns fp32 logits `(B, V)` of each row's first new token."""
-        dev, pad = self.loaded.device, self.loaded.pad_id
-        width = max(r.seq.prompt_len for r in self.rows)
-        ids = torch.full((len(self.rows), width), pad, dtype=torch.long, device=dev)
-        self.attn = torch.zeros((len(self.rows), width), dtype=torch.long, device=dev)
-        for i, r in enumerate(self.rows):
-            n = r.seq.prompt_len
-            ids[i, width - n:] = torch.tensor(r.seq.spec.prompt_ids, dtype=torch.long, device=dev)
-            self.attn[i, width - n:] = 1
-        # position of a token = number of real tokens before it; pads get 0 (they are masked)
-        positions = (self.attn.cumsum(dim=-1) - 1).clamp_(min=0)
-        return self._forward(ids, positions)
+    def prefill(self, chunk: int | None = None) -> torch.Tensor | None:
+        """Run the prompts, all at once (`chunk` None) or the next `chunk` prompt tokens (rows ×
+        columns, at least one column); returns fp32 logits `(B, V)` of each row's first new
+        token once the last column has run, else None (call again)."""
+        if self._prompt is None:
+            dev, pad = self.loaded.device, self.loaded.pad_id
+            width = max(r.seq.prompt_len for r in self.rows)
+            ids = torch.full((len(self.rows), width), pad, dtype=torch.long, device=dev)
+            attn = torch.zeros((len(self.rows), width), dtype=torch.long, device=dev)
+            for i, r in enumerate(self.rows):
+                n = r.seq.prompt_len
+                ids[i, width - n:] = torch.tensor(r.seq.spec.prompt_ids, dtype=torch.long, device=dev)
+                attn[i, width - n:] = 1
+            # position of a token = number of real tokens before it; pads get 0 (they are masked)
+            positions = (attn.cumsum(dim=-1) - 1).clamp_(min=0)
+            self._prompt = (ids, attn, positions)
+            self._done = 0
+        ids, attn, positions = self._prompt
+        width = ids.shape[1]
+        end = width if chunk is None else min(width, self._done + max(1, chunk // len(self.rows)))
+        self.attn = attn[:, :end]  # the mask covers the cached columns and the new ones
+        logits = self._forward(ids[:, self._done:end], positions[:, self._done:end])
+        self._done = end
+        if end < width:
+            return None
+        self._prompt = None
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row `(B,)`; returns fp32 logits `(B, V)` of the next one."""
@@ -565,21 +624,43 @@ class HFEngine:
             raise Unavailable("the policy engine is not serving")
         async with self._swap_lock:
             try:
-                loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
+                with swap_phase("load"):
+                    loaded = await asyncio.to_thread(self._load_version, Path(model_dir), ref)
             except Exception as exc:
                 log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
                 raise FailedPrecondition(
                     f"loading {ref.name} version {ref.version} failed: {exc}"
                 ) from exc
+            probed = False  # the golden probes run the real path: they are the warm-up
+
+            async def greedy(prompts, max_new_tokens: int):
+                nonlocal probed
+                probed = True
+                return await self._candidate_greedy(loaded, prompts, max_new_tokens)
+
             if check is not None:
-                await check(functools.partial(self._candidate_greedy, loaded))
+                await check(greedy)
+            if not probed:
+                with swap_phase("warm-up"):
+                    await asyncio.to_thread(self._warm, loaded)
             if not self._serving:
                 raise Unavailable("the policy engine closed while loading")
             old, self._current = self._current, loaded  # the swap: one assignment on the loop
+            self._model_dir = Path(model_dir)
             log.info(
                 "hf engine swapped %s/%s -> %s/%s",
                 old.ref.name, old.ref.version, ref.name, ref.version,
             )
+
+    def _load_version(self, model_dir: Path, ref: ModelRef) -> _Loaded:
+        """The version in `model_dir`: into a copy of the serving model when only the weights
+        differ (`_load_like`), else loaded from scratch."""
+        current = self._current
+        if current is not None:
+            loaded = _load_like(current, self._model_dir, model_dir, ref)
+            if loaded is not None:
+                return loaded
+        return _load(model_dir, ref, self._settings)
 
     async def _candidate_greedy(self, loaded: _Loaded, prompts, max_new_tokens: int):
         """Greedy (token ids, log-probs) of each prompt on weights that are not serving yet."""
@@ -701,11 +782,11 @@ class HFEngine:
             with torch.inference_mode():
                 join = functools.partial(self._take_joiners, loaded)
                 steps = _generate_steps(loaded, seqs, join, self._settings.batch_max_size,
-                                        self._count_prompt_passes)
+                                        self._count_prompt_passes, self._settings.batch_prefill_chunk)
                 for out, computed, running in steps:
+                    self._running_rows = running  # counters first: a caller that saw the
+                    self._tokens += computed  # deltas sees the stats that include them
                     loop.call_soon_threadsafe(_deliver, out)
-                    self._running_rows = running
-                    self._tokens += computed
                     if self._stopping.is_set():
                         return
         finally:
@@ -727,25 +808,34 @@ class HFEngine:
     def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
         """Load a checkpoint and run a short greedy generation through the real path."""
         loaded = _load(model_dir, ref, self._settings)
+        self._warm(loaded)
+        return loaded
+
+    @staticmethod
+    def _warm(loaded: _Loaded) -> None:
         warm = _Request(SamplingConfig(max_new_tokens=2, temperature=0.0), loaded, None)
         prompt = tuple(min(t, loaded.info.vocab_size - 1) for t in _WARMUP_PROMPT)
         with torch.inference_mode():
             for _ in _generate_steps(loaded, [_Seq(SampleSpec(0, 0, prompt, None), warm)]):
                 pass
-        return loaded
 
 
 def _generate_steps(
     loaded: _Loaded, seqs: list[_Seq], join: Callable[[int], list[_Seq]] | None = None,
     max_rows: int = 0, on_prompt_pass: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[tuple[list, int, int]]:
     """Run `seqs` as one batch; after each step yield ([(request, delta)], rows computed in the
-    step, rows still running). `on_prompt_pass(k)`: k prompts had their log-probs computed.
+    step, rows still running or prefilling). `on_prompt_pass(k)`: k prompts had their log-probs
+    computed.
 
     Continuous batching: after each step `join(room)` may hand over samples that arrived since
-    (same model); they are prefilled on their own and merged into the running batch, so a
-    request never waits for a whole batch to end. Rows whose request was cancelled are dropped
-    at the next step without a delta. Call it under `torch.inference_mode()`.
+    (same model); they are prefilled on their own — at most `prefill_chunk` prompt tokens
+    (rows × columns) between two decode steps, so a long prompt does not stall the running
+    rows — and merged into the running batch when their prefill is done, so a request never
+    waits for a whole batch to end. A row leaves the batch at the step it finishes. Rows whose
+    request was cancelled are dropped at the next step without a delta. Call it under
+    `torch.inference_mode()`.
     """
     rows = [_Row(seq, loaded) for seq in seqs if not seq.request.cancelled]
     if not rows:
@@ -753,8 +843,9 @@ def _generate_steps(
     passes = _fill_prompt_logprobs(loaded, rows)
     if passes and on_prompt_pass is not None:
         on_prompt_pass(passes)
-    batch = _Batch(loaded, rows)
+    batch: _Batch | None = _Batch(loaded, rows)
     logits = batch.prefill()
+    pending: _Batch | None = None  # joiners whose prefill is under way
     while True:
         tokens, logprobs = _next_tokens(logits, batch.rows)
         out, keep = [], []
@@ -767,21 +858,32 @@ def _generate_steps(
             out.append((row.seq.request, delta))
             if finish is None:
                 keep.append(i)
-        yield out, len(batch.rows), len(keep)
-        if not keep:
-            return
-        batch.keep(keep)
-        logits = batch.step(tokens[keep])
-        if join is not None and len(batch.rows) < max_rows and batch.mergeable():
-            fresh = [_Row(seq, loaded) for seq in join(max_rows - len(batch.rows)) if not seq.request.cancelled]
+        yield out, len(batch.rows), len(keep) + (len(pending.rows) if pending else 0)
+        if keep:
+            batch.keep(keep)
+            logits = batch.step(tokens[keep])
+        else:
+            batch = None
+        if join is not None and pending is None and (batch is None or batch.mergeable()):
+            room = max_rows - (len(batch.rows) if batch else 0)
+            fresh = [_Row(s, loaded) for s in join(room) if not s.request.cancelled] if room > 0 else []
             if fresh:
                 passes = _fill_prompt_logprobs(loaded, fresh)
                 if passes and on_prompt_pass is not None:
                     on_prompt_pass(passes)
-                joining = _Batch(loaded, fresh)
-                first = joining.prefill()
-                batch.merge(joining)
-                logits = torch.cat([logits, first])
+                pending = _Batch(loaded, fresh)
+        if pending is not None:
+            # nothing left to decode: no one to stall, so the whole prompt at once
+            first = pending.prefill(prefill_chunk if batch is not None else None)
+            if first is not None:
+                if batch is None:
+                    batch, logits = pending, first
+                else:
+                    batch.merge(pending)
+                    logits = torch.cat([logits, first])
+                pending = None
+        if batch is None:
+            return
 
 
 def _greedy(loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
