@@ -60,7 +60,10 @@ if ! "$PY" -c "import redis; redis.Redis(port=6379, socket_timeout=1).ping()" 2>
   if command -v redis-server >/dev/null; then
     redis-server --port 6379 --save '' --appendonly no --daemonize no > "$OUT/redis.log" 2>&1 &
     REDIS_PID=$!
-    sleep 1
+    for _ in $(seq 50); do  # up to 5 s for it to answer
+      "$PY" -c "import redis; redis.Redis(port=6379, socket_timeout=1).ping()" 2>/dev/null && break
+      sleep 0.1
+    done
   else
     note "no redis-server: the hot-swap-under-load bench will fail (parity and in-place swaps do not need it)"
   fi
