@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_client.datafiles import SampleRecord, read_samples_jsonl
+from rlhf_client.datafiles import DataError, SampleRecord, read_samples_jsonl
 
 from rlhf.trainer.jobs import PPOJob
 from rlhf.trainer.pipeline import Reader
