@@ -97,6 +97,7 @@ def env(tmp_path, tiny_reward_dir):
 APP = r"""
 import json, sys
 from rlhf_client import JobCancelled, TrainingClient
+from rlhf_client.history import read_metrics
 from rlhf_client.jobspecs import JobRejected
 
 url, spec_file, waiting_file = sys.argv[1:]
@@ -108,10 +109,11 @@ try:  # the submit-time checks run here: a missing pairs file is refused, nothin
 except JobRejected as exc:
     print("rejected:", str(exc).splitlines()[-1].strip())
 job_id = tc.submit(spec)
-steps = []
-rec = tc.wait(job_id, timeout=300, poll_s=0.2,
-              on_update=lambda r: steps.append(r.metrics.get("step")))
-print("job:", job_id, rec.status, rec.version, rec.metrics["train_pairs"], max(filter(None, steps)))
+seen = []  # every polled record's status (a short job may train between two polls)
+rec = tc.wait(job_id, timeout=300, poll_s=0.2, on_update=lambda r: seen.append(r.status))
+steps = max(row["step"] for row in read_metrics(tc.r, job_id))  # the job's history
+print("job:", job_id, rec.status, rec.version, rec.metrics["train_pairs"], steps)
+print("followed:", seen[0] if seen else None, seen[-1] if seen else None)
 other = tc.submit(json.load(open(waiting_file)))
 tc.cancel(other)
 try:
@@ -151,8 +153,9 @@ def test_the_base_install_submits_follows_lists_and_cancels_jobs(base_venv, env,
     assert re.search(r"rejected: source\.path: .*spec\.json\.missing: no such file", out), out
     job = re.search(r"job: (\w+) succeeded v0001 (\d+) (\d+)", out)
     assert job, out
-    job_id, train_pairs = job.group(1), int(job.group(2))
-    assert 0 < train_pairs < 24  # the held-out share aside
+    job_id, train_pairs, steps = job.group(1), int(job.group(2)), int(job.group(3))
+    assert 0 < train_pairs < 24 and steps == -(-train_pairs // 8)  # the held-out share aside
+    assert re.search(r"followed: (queued|running|succeeded) succeeded", out), out
     assert re.search(r"cancelled: \w+ cancelled", out), out
 
     listed = _run([str(python.parent / "rlhf"), "jobs", "list", "--redis-url", URL],

@@ -151,7 +151,8 @@ def test_submit_yaml_with_set_waits_with_a_bar_and_ends_with_the_metrics(r, work
     assert status_line == "succeeded v0001"
     # 40 pairs, 10% held out, 8 per batch: 5 steps an epoch, 2 epochs: the bar ends at 10/10.
     steps = rec.metrics.get("steps", 10)
-    assert re.search(rf"\b{steps}/{steps} \[\d\d:\d\d<\d\d:\d\d", out.stderr), out.stderr
+    # (the ETA is "?" when the job trained between two polls: a quiet machine, a tiny job)
+    assert re.search(rf"\b{steps}/{steps} \[\d\d:\d\d<(\d\d:\d\d|\?)", out.stderr), out.stderr
     last_train = [row for row in read_metrics(r, job_id)
                   if "train_loss" in row and "steps" in row][-1]
     assert f"train_loss={last_train['train_loss']:.4g}]" in last_line(out.stderr), out.stderr
