@@ -1,5 +1,6 @@
 """Python clients of the rlhf platform (base install: grpcio + protobuf, no torch)."""
 
+from rlhf_client.channel import TlsOptions
 from rlhf_client.errors import RpcError
 from rlhf_client.policy import AsyncPolicyClient, PolicyClient
 from rlhf_client.reference import AsyncReferenceClient, ReferenceClient
@@ -40,6 +41,7 @@ __all__ = [
     "SequenceLogProbs",
     "StreamChunk",
     "SwapResult",
+    "TlsOptions",
     "assemble_stream",
 ]
 

@@ -8,16 +8,20 @@ from typing import Any, AsyncIterator, Iterator
 import grpc
 
 from rlhf_client import tracing
-from rlhf_client.channel import DEFAULT_TIMEOUT_S, aio_channel, call_metadata, sync_channel
+from rlhf_client.channel import DEFAULT_TIMEOUT_S, TlsArg, aio_channel, call_metadata, sync_channel
 from rlhf_client.errors import RpcError
 
 
 class SyncBase:
-    """Owns a channel; every call carries a deadline and a request id."""
+    """Owns a channel; every call carries a deadline and a request id.
+
+    `tls`: TlsOptions (TLS / mutual TLS), False (plaintext), True, or None (default: the
+    RLHF_TLS_* environment decides; see rlhf_client.channel)."""
 
     def __init__(self, target: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 admin_token: str | None = None, channel: grpc.Channel | None = None):
-        self._channel = channel or sync_channel(target)
+                 admin_token: str | None = None, channel: grpc.Channel | None = None,
+                 tls: TlsArg = None):
+        self._channel = channel or sync_channel(target, tls=tls)
         self._own_channel = channel is None
         self.token = token
         self.admin_token = admin_token
@@ -54,8 +58,9 @@ class AsyncBase:
     """Async twin of SyncBase (grpc.aio)."""
 
     def __init__(self, target: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 admin_token: str | None = None, channel: grpc.aio.Channel | None = None):
-        self._channel = channel or aio_channel(target)
+                 admin_token: str | None = None, channel: grpc.aio.Channel | None = None,
+                 tls: TlsArg = None):
+        self._channel = channel or aio_channel(target, tls=tls)
         self._own_channel = channel is None
         self.token = token
         self.admin_token = admin_token

@@ -80,11 +80,11 @@ def one_line(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """`url` without its credentials (redis://:***@host:6379/0)."""
-    scheme, sep, rest = url.rpartition("://") if "://" in url else ("", "", url)
-    if "@" in rest.split("/", 1)[0]:
-        rest = "***@" + rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+    """`url` without its credentials (redis://:***@host:6379/0; a Sentinel URL's
+    sentinel_password too): `redis_conn.redact_url`."""
+    from rlhf_client.redis_conn import redact_url as redact
+
+    return redact(url)
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -93,9 +93,12 @@ def redis_url_problem(url: str) -> str | None:
         db = "" if "/" in url else "/0"
         return (f"Redis URL {redact_url(url)!r} has no scheme: write redis://{redact_url(url)}{db} "
                 "(set --redis-url / RLHF_REDIS_URL)")
-    if url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
-        return (f"not a Redis URL: {redact_url(url)!r} (expected redis://HOST:PORT/DB, rediss://… "
-                "or unix://PATH; set --redis-url / RLHF_REDIS_URL)")
+    from rlhf_client.redis_conn import check_url  # schemes, TLS and Sentinel forms, query
+
+    try:
+        check_url(url)
+    except ValueError as exc:
+        return f"{exc}; set --redis-url / RLHF_REDIS_URL"
     return None
 
 

@@ -30,7 +30,7 @@ from typing import Union
 import redis
 
 from rlhf_client import tracing
-from rlhf_client.redis_conn import connect
+from rlhf_client.redis_conn import connect, wait_replicas
 from google.protobuf.message import DecodeError, Message
 from rlhfpb.v1 import samples_pb2
 
@@ -173,9 +173,14 @@ class QueueProducer:
     `stream_max_entries`; see "Retention" in docs/operations.md), and never unread ones.
     """
 
-    def __init__(self, client: redis.Redis, *, maxlen: int | None = None):
+    def __init__(self, client: redis.Redis, *, maxlen: int | None = None,
+                 min_replicas_ack: int = 0, replicas_ack_timeout_ms: int = 1000):
         self.r = client
         self.maxlen = maxlen
+        # each push WAITs until this many replicas have it (`ReplicationLag` otherwise: push
+        # again, same payload id — the trainer applies a payload id once)
+        self.min_replicas_ack = min_replicas_ack
+        self.replicas_ack_timeout_ms = replicas_ack_timeout_ms
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> "QueueProducer":
@@ -189,6 +194,7 @@ class QueueProducer:
         with tracing.producer_span(stream):
             fields = encode_entry(msg)
             self.r.xadd(stream, fields, maxlen=self.maxlen, approximate=True)
+            wait_replicas(self.r, self.min_replicas_ack, self.replicas_ack_timeout_ms)
         return msg.id
 
     def push_pair(self, pair: samples_pb2.PreferencePair | None = None, *, stream: str | None = None,
@@ -238,6 +244,7 @@ class QueueProducer:
                 for _, default, fields in encoded[start:start + chunk]:
                     pipe.xadd(stream or default, fields, maxlen=self.maxlen, approximate=True)
                 pipe.execute()
+            wait_replicas(self.r, self.min_replicas_ack, self.replicas_ack_timeout_ms)
         return [i for i, _, _ in encoded]
 
     # -------------------------------------------------------------- inspection

@@ -35,6 +35,13 @@ _SERVE_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--redis-url",), dict(dest="redis_url")),
     (("--log-level",), dict(dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])),
     (("--torch-threads",), dict(dest="torch_threads", type=int, help="torch intra-op threads")),
+    # gRPC TLS (issue 18): cert + key = TLS; + client CA = mutual TLS; health port: plaintext probes
+    (("--tls-cert",), dict(dest="tls_cert_file", type=Path, help="PEM server certificate (TLS)")),
+    (("--tls-key",), dict(dest="tls_key_file", type=Path, help="PEM key of --tls-cert")),
+    (("--tls-client-ca",), dict(dest="tls_client_ca_file", type=Path,
+                                help="PEM CA: require client certificates it signed (mutual TLS)")),
+    (("--health-port",), dict(dest="health_port", type=int,
+                              help="plaintext port serving only grpc.health.v1 (probes)")),
 ]
 _VLLM_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--backend",), dict(dest="backend", choices=["hf", "vllm"], help="policy engine")),
@@ -368,7 +375,9 @@ def _demo(args) -> int:
     except KeyboardInterrupt:
         return 130
     except redis.ConnectionError as exc:
-        cause = StartupError(f"Redis at {args.redis_url} is unreachable ({exc}); the demo needs a "
+        from rlhf_client.redis_conn import redact_url
+
+        cause = StartupError(f"Redis at {redact_url(args.redis_url)} is unreachable ({exc}); the demo needs a "
                              "redis-server there")
         cause.__traceback__ = exc.__traceback__
         return _report("rlhf demo", cause, args.debug, started=True)

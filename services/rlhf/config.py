@@ -47,6 +47,32 @@ class Settings(BaseSettings):
         None, description="Bearer token for admin RPCs (LoadVersion); unset: admin RPCs refused."
     )
 
+    # --- gRPC TLS (issue 18, helper D; rlhf.serving.server) --------------------------------------
+    # Unset: plaintext. Clients read RLHF_TLS_CA_FILE / RLHF_TLS_CLIENT_CERT_FILE /
+    # RLHF_TLS_CLIENT_KEY_FILE / RLHF_TLS_SERVER_NAME (rlhf_client.channel.TlsOptions), not these.
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC server: set with tls_key_file to "
+        "serve TLS instead of plaintext.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: set, the server requires client certificates signed "
+        "by it (mutual TLS); needs tls_cert_file.",
+    )
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="A second, plaintext port serving only grpc.health.v1 "
+        "(Kubernetes gRPC probes speak no TLS); 0 picks a free one, unset: none.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(f"{missing}: TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: mutual TLS needs tls_cert_file and tls_key_file")
+        return self
+
     # --- limits --------------------------------------------------------------------------------
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Max gRPC message size.")
     max_concurrent_rpcs: int = Field(256, gt=0, description="Beyond this: RESOURCE_EXHAUSTED.")
@@ -173,6 +199,18 @@ class Settings(BaseSettings):
         "has finished every entry pushed until then: a duplicate pushed later than this after "
         "the original is applied again. Unset: never forget (the index grows without bound).",
     )
+    # --- Redis replication (issue 18, helper E; rlhf_client.redis_conn.wait_replicas) -----------
+    redis_min_replicas_ack: int = Field(
+        0, ge=0,
+        description="After a job commits stream entries (applied ids + XACK), WAIT until this "
+        "many Redis replicas have the commit (failing over to one that lacks it would deliver "
+        "the entries again); fewer in time: the commit is retried like a Redis outage. 0: no "
+        "WAIT (replication stays asynchronous).",
+    )
+    redis_replicas_ack_timeout_ms: int = Field(
+        1000, gt=0, description="How long one WAIT of redis_min_replicas_ack waits (ms).",
+    )
+
     dead_letter_max_entries: int | None = Field(
         10_000, gt=0,
         description="Each dead-letter stream keeps this many newest entries; unset: all.",

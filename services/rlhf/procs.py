@@ -23,13 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health_status(target: str, timeout: float = 2.0) -> int | None:
-    """The health status of service "" at target, or None when it does not answer."""
+def health_status(target: str, timeout: float = 2.0, *, tls=None) -> int | None:
+    """The health status of service "" at target, or None when it does not answer.
+    `tls`: as the clients' (default: the RLHF_TLS_* environment; rlhf_client.channel)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from rlhf_client.channel import sync_channel
 
     try:
-        with grpc.insecure_channel(target) as ch:
+        with sync_channel(target, tls=tls) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             return resp.status
     except grpc.RpcError:

@@ -76,20 +76,24 @@ def kubectl() -> str:
 
 @functools.lru_cache(maxsize=None)
 def render(kustomization: str) -> tuple[dict, ...]:
-    return _kustomize(K8S / kustomization, kustomization)
-
-
-@functools.lru_cache(maxsize=None)
-def render_with_monitoring(kustomization: str) -> tuple[dict, ...]:
-    """`kustomization` with the monitoring component added, as an overlay of one's own adds it."""
+    """"overlays/gpu", or "overlays/gpu + components/tls": with that component added, as an
+    overlay of one's own adds it."""
+    target, _, added = kustomization.partition(" + ")
+    if not added:
+        return _kustomize(K8S / kustomization, kustomization)
     with tempfile.TemporaryDirectory() as d:
         rel = Path(os.path.relpath(K8S, d))  # kustomize takes relative paths only
         (Path(d) / "kustomization.yaml").write_text(yaml.safe_dump({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-            "resources": [str(rel / kustomization)],
-            "components": [str(rel / MONITORING.relative_to(K8S))],
+            "resources": [str(rel / target)],
+            "components": [str(rel / added)],
         }))
-        return _kustomize(Path(d), f"{kustomization} + components/monitoring")
+        return _kustomize(Path(d), kustomization)
+
+
+def render_with_monitoring(kustomization: str) -> tuple[dict, ...]:
+    """`kustomization` with the monitoring component added, as an overlay of one's own adds it."""
+    return render(f"{kustomization} + {MONITORING.relative_to(K8S)}")
 
 
 def _kustomize(path: Path, what: str) -> tuple[dict, ...]:
@@ -906,6 +910,60 @@ def test_pod_monitor_scrapes_every_rlhf_pod_s_metrics_port(kustomization):
         assert selected == rlhf_pod, workload["metadata"]["name"]
         if rlhf_pod:
             assert has_metrics, f"{workload['metadata']['name']}: no port {endpoint['port']!r}"
+
+
+# --- gRPC security: reflection off in production, TLS (opt-in component) ------------------------
+
+TLS = "components/tls"
+TLS_DIR = "/etc/rlhf/tls"
+
+
+def production_overlays() -> list[str]:
+    """Overlays whose header says they are production ("# overlays/gpu: production on ...")."""
+    return [o for o in OVERLAYS
+            if "production" in (K8S / "overlays" / o / "kustomization.yaml").read_text().splitlines()[0]]
+
+
+def test_production_overlays_serve_no_reflection():
+    assert production_overlays() == ["gpu"]
+    assert Settings.model_fields["reflection"].default is True, "on by default: the overlay turns it off"
+    for overlay in production_overlays():
+        for kustomization in (f"overlays/{overlay}", f"overlays/{overlay} + {TLS}"):
+            for workload, c in rlhf_main_containers(kustomization):
+                assert settings_of(kustomization, c).reflection is False, f"{kustomization}: {c['name']}"
+
+
+@pytest.mark.parametrize("kustomization", [f"overlays/{o} + {TLS}" for o in OVERLAYS])
+def test_tls_component_serves_mutual_tls_and_probes_plaintext_health(kustomization):
+    import kubernetes_validate
+
+    from rlhf_client.channel import TLS_ENV
+
+    for obj in [*workloads(kustomization), *objects(kustomization, "ConfigMap")]:  # what it patches
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    test_no_secret_values_are_rendered(kustomization)
+    client_env = set(TLS_ENV.values())
+    seen = set()
+    for workload, c in rlhf_main_containers(kustomization):
+        env = container_env(kustomization, c)
+        unknown = set(env) - SETTING_ENV.keys() - EXTRA_ENV.keys() - client_env
+        assert not unknown, f"{c['name']}: {sorted(unknown)}"
+        settings = settings_of(kustomization, c)
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == TLS_DIR]
+        assert mount["readOnly"] is True and volumes[mount["name"]]["secret"]["secretName"] == "rlhf-tls"
+        files = [settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file,
+                 *(Path(env[v]) for v in ("RLHF_TLS_CA_FILE", "RLHF_TLS_CLIENT_CERT_FILE",
+                                          "RLHF_TLS_CLIENT_KEY_FILE"))]
+        assert all(f is not None and f.parent == Path(TLS_DIR) for f in files), (c["name"], files)
+        if component(workload) in MODEL_SERVICES:
+            seen.add(component(workload))
+            assert settings.health_port not in (None, 0, settings.port), c["name"]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports["grpc"] == settings.port and ports["health"] == settings.health_port
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"]["port"] == settings.health_port, f"{c['name']}: {probe}"
+    assert seen == set(MODEL_SERVICES)
 
 
 # --- Docker images ------------------------------------------------------------------------------

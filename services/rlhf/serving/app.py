@@ -7,7 +7,6 @@ import logging
 import signal
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from rlhf.config import Settings
 from rlhf.errors import StartupError
@@ -69,13 +68,11 @@ def resolve_model(settings: Settings) -> tuple[Path, ModelRef]:
 
 
 def redact_url(url: str) -> str:
-    """`url` without its password (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    """`url` without its password (for messages and logs): `rlhf_client.redis_conn.redact_url`
+    (a Sentinel URL's sentinel_password too)."""
+    from rlhf_client.redis_conn import redact_url as redact
+
+    return redact(url)
 
 
 class Front(Protocol):

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -50,6 +51,40 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _read_pem(path, setting: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {setting} {path} ({exc.strerror})", setting) from exc
+    if b"-----BEGIN " not in data:
+        raise StartupError(f"{setting} {path} is not PEM", setting)
+    return data
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings (None: plaintext). With `tls_client_ca_file` the server
+    requires a client certificate signed by that CA (mutual TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    pair = (_read_pem(settings.tls_key_file, "tls_key_file"),
+            _read_pem(settings.tls_cert_file, "tls_cert_file"))
+    client_ca = settings.tls_client_ca_file
+    try:
+        return grpc.ssl_server_credentials(
+            [pair],
+            root_certificates=_read_pem(client_ca, "tls_client_ca_file") if client_ca else None,
+            require_client_auth=client_ca is not None,
+        )
+    except Exception as exc:  # noqa: BLE001 - grpc raises plain errors on bad PEM
+        raise StartupError(f"bad TLS certificate or key ({exc})", "tls_cert_file", "tls_key_file") from exc
+
+
+def tls_mode(settings: Settings) -> str:
+    if settings.tls_cert_file is None:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca_file is not None else "TLS"
+
+
 def bind_problem(host: str, port: int) -> tuple[str, str] | None:
     """Why `host:port` cannot be bound for listening, and whether the host or the port is at
     fault ("host" / "port"); None when it can (port 0: whether the host can).
@@ -85,7 +120,9 @@ def check_bindable(host: str, port: int | None, port_setting: str = "port", *, w
 
 @dataclass
 class ModelServer:
-    """A grpc.aio server with health, reflection, the interceptor and a metrics endpoint."""
+    """A grpc.aio server with health, reflection, the interceptor and a metrics endpoint;
+    TLS / mutual TLS when the settings name a certificate (`server_credentials`), and then
+    optionally a plaintext health-only port (`health_port`) for probes that cannot do TLS."""
 
     settings: Settings
     label: str
@@ -94,6 +131,8 @@ class ModelServer:
     metrics_port: int | None = None
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _health: HealthServicer | None = field(default=None, init=False)
+    health_port: int | None = None
+    _health_server: grpc.aio.Server | None = field(default=None, init=False)
     _metrics_http: Any = field(default=None, init=False)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -126,8 +165,12 @@ class ModelServer:
             )
         check_bindable(s.host, s.port)  # gRPC itself only logs that binding failed
         check_bindable(s.host, s.metrics_port, "metrics_port", what="metrics: ")
+        credentials = server_credentials(s)  # before binding: a bad file fails fast
+        check_bindable(s.host, s.health_port, "health_port", what="health: ")
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            address = f"{s.host}:{s.port}"
+            self.port = (server.add_insecure_port(address) if credentials is None
+                         else server.add_secure_port(address, credentials))
         except RuntimeError:
             self.port = 0
         if self.port == 0:  # lost a race for the port since the check
@@ -136,20 +179,44 @@ class ModelServer:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if s.health_port is not None:
+            await self._start_health_server()
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
             try:
-                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host)
+                # "[::1]" (gRPC's form of an IPv6 host) is "::1" to the HTTP server
+                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host.strip("[]"))
             except OSError as exc:
-                self._server = None
-                await server.stop(None)
+                await self._stop_grpc(None)
                 check_bindable(s.host, s.metrics_port, "metrics_port", what="metrics: ")
                 raise StartupError(f"metrics: cannot listen on {s.host}:{s.metrics_port} ({exc.strerror})",
                                    "metrics_port") from exc
             self.metrics_port = self._metrics_http.server_port
-        log.info("%s listening on %s:%d (metrics %s)", self.label, s.host, self.port, self.metrics_port)
+        log.info("%s listening on %s:%d (%s; health-only port %s; metrics %s)", self.label, s.host,
+                 self.port, tls_mode(s), self.health_port, self.metrics_port)
         return self.port
+
+    async def _start_health_server(self) -> None:
+        """Plaintext port with grpc.health.v1 only (the same status): Kubernetes gRPC probes
+        cannot speak TLS, and nothing but health is reachable without it."""
+        s = self.settings
+        health = grpc.aio.server(options=server_options(s), maximum_concurrent_rpcs=16)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health)
+        try:
+            self.health_port = health.add_insecure_port(f"{s.host}:{s.health_port}")
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            await self._stop_grpc(None)
+            raise StartupError(f"health: cannot bind {s.host}:{s.health_port}", "health_port")
+        await health.start()
+        self._health_server = health
+
+    async def _stop_grpc(self, grace: float | None) -> None:
+        servers = [x for x in (self._server, self._health_server) if x is not None]
+        self._server = self._health_server = None
+        await asyncio.gather(*(x.stop(grace) for x in servers))
 
     async def _set_all(self, status) -> None:
         assert self._health is not None
@@ -168,12 +235,11 @@ class ModelServer:
         await self.set_serving(False)
         grace = self.settings.drain_grace_s if grace is None else grace
         log.info("%s draining (grace %.1fs)", self.label, grace)
-        await self._server.stop(grace)
+        await self._stop_grpc(grace)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        self._server = None
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

@@ -4,7 +4,8 @@
     rlhf worker-probe [--ready]                          # the pod's probes (see health.py)
 
 Configuration (from `Settings`, see `celery_config`):
-- Redis broker = `redis_url`; JSON is the only serializer accepted for tasks, results and
+- Redis broker = `redis_url` (TLS `rediss://` and Sentinel `redis+sentinel://` forms mapped to
+  Celery's options by `broker_config`); JSON is the only serializer accepted for tasks, results and
   events (`accept_content=['json']`): a message in any other format is refused unread.
 - `task_acks_late` + `task_reject_on_worker_lost`: a job is acked when it returns; a pool child
   killed mid-job puts its job back. `worker_prefetch_multiplier=1`: a worker holds only the job
@@ -43,7 +44,7 @@ from rlhf_client.jobspecs import (  # noqa: F401 - TASK_FOR_JOB re-exported
     TASK_FOR_JOB,
     TRAIN_EXCHANGE,
 )
-from rlhf_client.redis_conn import connect
+from rlhf_client.redis_conn import celery_broker, connect
 from rlhf_client.training import send_job_message
 
 from rlhf.config import Settings
@@ -105,12 +106,26 @@ def _transport_options(visibility_timeout_s: float) -> dict:
     }
 
 
+def broker_config(redis_url: str, visibility_timeout_s: float | None = None) -> dict:
+    """broker_url, broker_transport_options and broker_use_ssl for a `redis_url` of any form
+    `rlhf_client.redis_conn` takes: `rediss://…?ssl_ca_certs=…&ssl_cert_reqs=required` gives
+    `broker_use_ssl` with those options (kombu alone would not verify the certificate), and
+    `redis+sentinel://H1:P1,H2:P2/MASTER/DB` kombu's `sentinel://…;sentinel://…` broker with
+    `master_name` in the transport options (`redis_conn.celery_broker`)."""
+    url, options, use_ssl = celery_broker(redis_url)
+    if visibility_timeout_s is not None:
+        options = dict(_transport_options(visibility_timeout_s), **options)
+    out = dict(broker_url=url, broker_transport_options=options)
+    if use_ssl is not None:
+        out["broker_use_ssl"] = use_ssl
+    return out
+
+
 def celery_config(settings: Settings) -> dict:
     """The full Celery configuration for `settings`."""
     return dict(
         _static_config(),
-        broker_url=settings.redis_url.get_secret_value(),
-        broker_transport_options=_transport_options(settings.celery_visibility_timeout_s),
+        **broker_config(settings.redis_url.get_secret_value(), settings.celery_visibility_timeout_s),
         worker_pool=settings.worker_pool,
         worker_concurrency=settings.worker_concurrency,
         worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
@@ -170,7 +185,7 @@ def sender(redis_url: str) -> Celery:
     """An app that only sends messages to the broker at `redis_url` through Celery (tests compare
     `rlhf_client.celery_message` with it; jobs are sent by `send_job`)."""
     s = Celery("rlhf-sender", set_as_current=False)
-    s.conf.update(_static_config(), broker_url=redis_url)
+    s.conf.update(_static_config(), **broker_config(redis_url))
     return s
 
 

@@ -97,6 +97,8 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
             claim_idle_ms=settings.queue_claim_idle_ms,
             validate=reader.validate,
             retention=Retention.from_settings(settings),  # trims the stream after the commit
+            min_replicas_ack=settings.redis_min_replicas_ack,
+            replicas_ack_timeout_ms=settings.redis_replicas_ack_timeout_ms,
         )
     manifest = find_job_version(store, spec.model_name, spec.job_id)
     if manifest is not None:  # an earlier attempt published and died before finishing

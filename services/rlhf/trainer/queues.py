@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 
 import redis
 from rlhf_client import tracing
-from rlhf_client.redis_conn import MAX_BLOCK_MS
+from rlhf_client.redis_conn import MAX_BLOCK_MS, wait_replicas
 from rlhf_client.queues import DEAD_LETTER_SUFFIX, Payload, PayloadError, dead_letter_stream, decode_entry
 
 from rlhf.serving.metrics import (
@@ -197,6 +197,8 @@ class StreamConsumer:
         validate: Callable[[Payload], object] | None = None,
         retention: Retention | None = None,
         clock: Callable[[], float] = time.time,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout_ms: int = 1000,
     ):
         self.r = client
         self.stream = stream
@@ -207,6 +209,8 @@ class StreamConsumer:
         self.validate = validate
         self.retention = retention
         self.clock = clock  # unix seconds: the applied index's scores (tests move it on)
+        self.min_replicas_ack = min_replicas_ack  # commit: WAIT for this many replicas
+        self.replicas_ack_timeout_ms = replicas_ack_timeout_ms
         self.dead_stream = dead_letter_stream(stream)
         self.applied_key = applied_key(stream, group)
         self._last_trim = float("-inf")
@@ -413,9 +417,16 @@ class StreamConsumer:
         self.queue_commit(pipe, [e.id for e in entries] + list(payload_ids),
                           [e.entry_id for e in entries] + list(entry_ids))
         pipe.execute()
+        self.confirm_replicated()
         if self.retention is not None \
                 and time.monotonic() - self._last_trim >= _COMMIT_TRIM_EVERY_S:
             self.trim()
+
+    def confirm_replicated(self) -> None:
+        """With `min_replicas_ack`: WAIT until that many replicas have every write made so far
+        (the commit); `ReplicationLag` (a `redis.ConnectionError`: retried like an outage, and
+        the commit is idempotent) when fewer confirm in time."""
+        wait_replicas(self.r, self.min_replicas_ack, self.replicas_ack_timeout_ms)
 
     def trim(self) -> TrimResult | None:
         """Trim this stream and its groups' applied indexes by `retention` now; None when there
