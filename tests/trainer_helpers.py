@@ -131,6 +131,22 @@ def push_at_once(client: redis.Redis, messages, *, stream: str) -> list[str]:
     return [m.id for m in messages]
 
 
+def pause_mid_training(tc, worker: "Worker", job_id: str, *, below: float = 0.9) -> int:
+    """SIGSTOP the job's process (the worker's one pool child) once it trains (step 1 reported)
+    and is less than `below` through: whatever the machine's speed, a fault injected next
+    lands before its next step. `tc`: a TrainingClient. Returns the paused pid (SIGCONT it)."""
+    (child,) = worker.pool_children()
+
+    def training():
+        rec = tc.status(job_id)
+        assert rec.status in ("queued", "running"), f"finished before the test caught it: {rec}"
+        return rec.metrics.get("step", 0) >= 1 and rec.progress < below
+
+    wait_for(training, timeout=180, what="the job to be training", interval=0.01)
+    os.kill(child, signal.SIGSTOP)
+    return child
+
+
 #: Workers in tests: a short visibility timeout and job lease (recovery within seconds), fast
 #: queue metrics, a one-second soft shutdown, no reaper (a test triggers recovery itself).
 FAST_WORKER_ENV = {

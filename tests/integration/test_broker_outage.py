@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 import redis
 from rlhf_client import TrainingClient
-from trainer_helpers import REPO, Worker, push_at_once, synthetic_messages, unique, wait_for
+from trainer_helpers import (REPO, Worker, pause_mid_training, push_at_once, synthetic_messages,
+                             unique, wait_for)
 
 from rlhf.models.store import ModelStore
 from rlhf.trainer.celery_app import QUEUE_FOR_TASK
@@ -159,16 +160,7 @@ def push(rig, n: int, seed: int) -> list[str]:
 def freeze_mid_training(rig, worker: Worker, job_id: str) -> int:
     """Pause the job's process (SIGSTOP) while it is training, at most 90 % through: whatever
     the machine's speed, Redis then dies before the job's next step. Returns its pid."""
-    (child,) = worker.pool_children()
-
-    def training():
-        rec = rig["tc"].status(job_id)
-        assert rec.status in ("queued", "running"), f"finished before the test caught it: {rec}"
-        return rec.metrics.get("step", 0) >= 1 and rec.progress < 0.9
-
-    wait_for(training, timeout=180, what="the job to be training", interval=0.01)
-    os.kill(child, signal.SIGSTOP)
-    return child
+    return pause_mid_training(rig["tc"], worker, job_id)
 
 
 def outage(rig, *, until_log: tuple[str, ...] | str, worker: Worker, frozen: int | None = None,

@@ -304,8 +304,11 @@ class JobStore:
                                             "metrics": json.dumps(metrics, default=float)})
 
     def fail(self, job_id: str, token: str | None, error: str) -> bool:
-        """Record failure; False (nothing written) when another attempt holds the lease."""
-        return self._finish(job_id, token, {"status": "failed", "error": error[:4000]})
+        """Record failure; False (nothing written) when another attempt holds the lease. The
+        running attempt's progress and metrics (stage "training", a step) are cleared: the
+        record must not claim a job still training; its history rows keep what it reached."""
+        return self._finish(job_id, token, {"status": "failed", "error": error[:4000],
+                                            "progress": "0", "metrics": "{}"})
 
     def cancelled(self, job_id: str, token: str | None, note: str) -> bool:
         """Record that the job stopped on a cancel request (nothing published); False (nothing

@@ -7,7 +7,10 @@ and finishes that one instead of training and publishing a second.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +77,41 @@ def publish_version(
     """
     manifest = find_job_version(store, name, job_id)
     if manifest is None:
-        manifest = store.publish(name, src_dir, parent=parent, job_id=job_id, kind=kind,
-                                 metrics=metrics, probes=probes, extra=extra)
+        try:
+            manifest = store.publish(name, src_dir, parent=parent, job_id=job_id, kind=kind,
+                                     metrics=metrics, probes=probes, extra=extra)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            code = errno.errorcode[exc.errno]
+            raise StoreFull(exc.errno, f"the model store {store.root} has no room for a new "
+                            f"version of {name!r} ({code}: {exc.strerror}); nothing was "
+                            f"published, the active version is unchanged") from exc
         log.info("published %s %s (job %s)", name, manifest.version, job_id)
+        _fault_point("after_store_publish", name)
     register(registry, manifest)
     return manifest
+
+
+#: Errors of a store with no room: its disk full, a file-size limit, a quota.
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class StoreFull(OSError):
+    """Publishing failed for lack of room in the model store (ENOSPC / EFBIG / EDQUOT)."""
+
+
+#: Fault injection for tests/chaos, inert unless this variable names the point (`point`, or
+#: `point:<model name>` for that model's publishes only): the job's process stops itself
+#: (SIGSTOP) there, so a test can kill the worker at exactly that point.
+FAULT_PAUSE_ENV = "RLHF_FAULT_PAUSE_AT"
+
+
+def _fault_point(point: str, name: str) -> None:
+    if os.environ.get(FAULT_PAUSE_ENV) in (point, f"{point}:{name}"):
+        log.warning("fault injection (%s): pausing process %d after publishing %s",
+                    os.environ[FAULT_PAUSE_ENV], os.getpid(), name)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def register(registry: Registry, manifest: Manifest) -> None:
