@@ -102,8 +102,11 @@ class Swapper:
         self.follows_registry = False  # set by ServiceApp when a RegistryFollower drives it
 
     def version_dir(self, name: str, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
-            raise InvalidArgument("version", f"not a version id: {version!r}")
+        # a directory name: no NUL (os.stat raises ValueError), at most NAME_MAX bytes (OSError
+        # ENAMETOOLONG): both reached the caller as INTERNAL before (found by tests/fuzz)
+        if (not version or "/" in version or "\x00" in version or version.startswith(".")
+                or len(version.encode()) > 255):
+            raise InvalidArgument("version", f"not a version id: {version[:80]!r}")
         path = self.store_dir / name / version
         if not path.is_dir():
             raise NotFound(f"version {version!r} of model {name!r} is not in the store")
