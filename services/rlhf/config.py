@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     dtype: DType = Field(
         "float32",
         description="Weights dtype of the policy (hf backend), reward and reference services "
-        "and of a DPO job's local reference (logits are upcast to fp32 for log-softmax and "
-        "sampling). auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions (AMX / "
+        "(logits are upcast to fp32 for log-softmax and sampling; a training job's precision, "
+        "its local reference's included, is the job's own `dtype` field). auto: bfloat16 on "
+        "CUDA and on CPUs with bf16 matrix instructions (AMX / "
         "AVX512-BF16), else float32 (rlhf.models.loading.resolve_dtype). bfloat16 on a CPU "
         "without them is correct but slower than float32 (docs/benchmarks.md, issue 19).",
     )

@@ -35,11 +35,14 @@ the ids it applied, commit the stream entries, activate if asked. The Celery tas
   (`eval_*_initial`, `eval_*`); the first step's loss and margin (`train_loss_first_step`,
   `train_margin_first_step`: log 2 and 0 when the reference is the base, computed like the
   policy); the policy's and the reference's dtypes (`policy_dtype`, `reference_dtype`).
-- Dtypes: the policy trains in float32. Reference log-probs computed in another dtype (a
-  ReferenceService run with RLHF_DTYPE=bfloat16, or a local reference on a worker with that
-  setting: `make_reference` loads it in the worker's dtype) differ from the policy's own at step 0, so the
-  job starts off log 2 even from the reference itself; it trains on, logs a warning and
-  records both dtypes (and `dtype_matches_policy: false` in the manifest's `reference`).
+- Dtypes: the policy trains in the job's `dtype` (float32, bf16-mixed or bfloat16, with
+  `gradient_checkpointing` or not: `rlhf.trainer.precision`); `policy_dtype` is the dtype it
+  computes in (bfloat16 for both bf16 modes). A local reference is computed in the job's own
+  precision (same weights dtype, same autocast, fp32 log-softmax), so the first step is log 2
+  from the reference itself. Reference log-probs computed in another dtype (a ReferenceService
+  run with RLHF_DTYPE=bfloat16 for a float32 job) differ from the policy's own at step 0, so the
+  job starts off log 2; it trains on, logs a warning and records both dtypes (and
+  `dtype_matches_policy: false` in the manifest's `reference`).
 - A NaN or infinite loss, gradient norm or weight fails the job naming the step, before the
   optimizer applies it and before anything is published (`rlhf.trainer.finite`).
 """
@@ -51,11 +54,13 @@ import math
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from rlhf.trainer.jobs import REFERENCE_FREE_LOSSES, DPOJob
+from rlhf.trainer.precision import Precision, make_optimizer  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from rlhf.trainer.jobs import JobContext, JobResult
@@ -245,17 +250,23 @@ class ReferenceSource(Protocol):
 
 
 class LocalReference:
-    """A reference checkpoint loaded here (frozen, inference mode)."""
+    """A reference checkpoint loaded here (frozen, inference mode).
+
+    `dtype`: a weights dtype ("float32", "bfloat16", "float16", "auto": the services' setting)
+    or "bf16-mixed" (fp32 weights, forward under bf16 autocast: a bf16-mixed job's policy
+    computed the same way). Log-softmax in fp32 whatever the dtype."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_items: int = 64,
                  model=None, dtype: str = "float32"):
         from rlhf.models.loading import load_causal_lm
 
         self.model_dir = Path(model_dir)
+        self.mixed = Precision(dtype, device=device) if dtype == "bf16-mixed" else None
         self.model = model if model is not None else load_causal_lm(
-            self.model_dir, device=device, dtype=dtype)  # log-softmax in fp32 whatever the dtype
+            self.model_dir, device=device, dtype="float32" if self.mixed else dtype)
         self.model.requires_grad_(False)
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = ("bfloat16" if self.mixed else
+                      str(next(self.model.parameters()).dtype).removeprefix("torch."))
         cfg = self.model.config
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
@@ -268,14 +279,16 @@ class LocalReference:
         from rlhf.trainer.logprobs import completion_logprobs
 
         out: list[float] = [0.0] * len(items)
-        with torch.inference_mode():
+        with torch.inference_mode(), (self.mixed.autocast() if self.mixed else nullcontext()):
             # rows with the same prompt in one batch, where its forward runs once: prefix KV
             # reuse (no gradients needed here; faster than the packed layout's block mask on
-            # CPU), else the packed forward
+            # CPU), else the packed forward; under a bf16-mixed job's autocast always the packed
+            # forward, the policy's own (fp32 head), whose numbers these must equal
             for idx in prompt_batches(items, self.batch_items):
                 batch = [items[i] for i in idx]
                 longest = max(len(p) + len(c) for p, c in batch)
-                if has_shared_prompts([p for p, _ in batch]) and logprobs_usable(self.model, longest):
+                if self.mixed is None and has_shared_prompts([p for p, _ in batch]) \
+                        and logprobs_usable(self.model, longest):
                     sums = shared_prefix_logprobs(self.model, batch, pad_id=self.pad_id)[1]
                 else:
                     sums = completion_logprobs(self.model, batch, pad_id=self.pad_id).sums
@@ -284,7 +297,10 @@ class LocalReference:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "local", "model_dir": str(self.model_dir), "dtype": self.dtype}
+        out = {"source": "local", "model_dir": str(self.model_dir), "dtype": self.dtype}
+        if self.mixed:
+            out["precision"] = "bf16-mixed"
+        return out
 
     def close(self) -> None:
         self.model = None
@@ -403,10 +419,11 @@ def batch_loss(model, pairs: Sequence[TokenizedPair], cfg: DPOLossConfig, *, pad
 def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]],
                cfg: DPOLossConfig, *, pad_id: int,
                max_grad_norm: float | None = 1.0, step: int = 1,
-               total: int = 1) -> dict[str, float]:
+               total: int = 1, precision: "Precision | None" = None) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation: each micro-batch's mean
     loss weighted 1/len(micro_batches)), clipping, AdamW; returns pair-weighted mean metrics
-    (and `grad_norm`, the norm before clipping, when clipping).
+    (and `grad_norm`, the norm before clipping, when clipping). Forward passes run under
+    `precision.autocast()` (backward outside it).
 
     Raises `finite.TrainingDiverged` naming `step` (of `total`), before the optimizer applies
     anything, when the loss or the gradient norm is NaN or infinite."""
@@ -415,7 +432,8 @@ def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]
     sums: dict[str, float] = {}
     n = 0
     for batch in micro_batches:
-        loss, m = batch_loss(model, batch, cfg, pad_id=pad_id)
+        with precision.autocast() if precision is not None else nullcontext():
+            loss, m = batch_loss(model, batch, cfg, pad_id=pad_id)
         (loss / len(micro_batches)).backward()
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * len(batch)
@@ -430,30 +448,13 @@ def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]
     return out
 
 
-def make_optimizer(model, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                   weight_decay: float = 0.0):
-    """torch AdamW (the fused kernel where the parameters' device supports it, else the default);
-    weight decay on weight matrices only (not on biases, norms)."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
-    except (RuntimeError, ValueError):  # a device / dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-
-
 def evaluate(model, pairs: Sequence[TokenizedPair], cfg: DPOLossConfig, *, pad_id: int,
-             batch_size: int = 16) -> dict[str, float]:
+             batch_size: int = 16, precision: "Precision | None" = None) -> dict[str, float]:
     """Loss and reward metrics over `pairs` (no gradients), pair-weighted means."""
     import torch
 
     totals: dict[str, float] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast() if precision is not None else nullcontext():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
             _, m = batch_loss(model, chunk, cfg, pad_id=pad_id)
@@ -477,9 +478,10 @@ class DPOTrainResult:
 
 
 def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: str = "cpu",
-                   token: str | None = None, dtype: str = "float32") -> "ReferenceSource":
+                   token: str | None = None, dtype: str | None = None) -> "ReferenceSource":
     """The reference source the spec names (`store` resolves `reference.version`); a local one
-    is loaded in `dtype` (the worker's `RLHF_DTYPE`, as the reference service would serve)."""
+    is computed in `dtype` (default: the job's own `spec.dtype`, the precision the policy
+    computes in; a weights dtype such as "bfloat16" loads it so, see `LocalReference`)."""
     ref = spec.reference
     if ref.source == "service":
         from rlhf_client import ReferenceClient
@@ -495,7 +497,8 @@ def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: st
         ref_dir = store.path(spec.model_name, ref.version)
     else:
         ref_dir = Path(base_dir)
-    return LocalReference(ref_dir, device=device, batch_items=ref.batch_items, dtype=dtype)
+    return LocalReference(ref_dir, device=device, batch_items=ref.batch_items,
+                          dtype=spec.dtype if dtype is None else dtype)
 
 
 def _lr_factor(step: int, total: int, spec: DPOJob) -> float:
@@ -593,7 +596,7 @@ def train_dpo(
 def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, check, device):
     import torch
 
-    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.models.loading import load_tokenizer
     from rlhf.models.tiny import quiet_progress_bars
     from rlhf.trainer.finite import check_finite_weights
 
@@ -611,6 +614,7 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
                        f"that fills max_length={spec.max_length}, or an empty response)")
 
     cfg = DPOLossConfig.from_spec(spec)
+    precision = Precision.of(spec, device)
     ref_info: dict[str, Any] = {"source": "none"}
     if spec.needs_reference:
         own = reference is None
@@ -625,9 +629,10 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
                     "seconds": round(time.perf_counter() - t0, 3)}
 
     torch.manual_seed(spec.seed)
-    model = load_causal_lm(base_dir, device=device)
-    model.eval()  # no dropout: policy and reference log-probs are compared like for like
-    policy_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # eval mode (no dropout: policy and reference log-probs are compared like for like), the
+    # job's weights dtype and gradient checkpointing
+    model = precision.load_causal_lm(base_dir)
+    policy_dtype = precision.compute_dtype
     if spec.needs_reference:
         ref_info["dtype"] = ref_info.get("dtype") or "unknown"
         ref_info["dtype_matches_policy"] = ref_info["dtype"] == policy_dtype
@@ -637,7 +642,8 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
                         "start at log 2 even from the reference checkpoint); serve the reference "
                         "in %s to compare like for like", ref_info["dtype"], policy_dtype,
                         policy_dtype)
-    initial = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size) if held else {}
+    initial = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size,
+                       precision=precision) if held else {}
     opt = make_optimizer(model, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
                          weight_decay=spec.weight_decay)
     per_step = spec.batch_size * spec.grad_accum_steps
@@ -648,7 +654,7 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
         train, spec=spec, total=total, optimizer=opt, scheduler=sched, progress=progress,
         check=check, step=lambda micro, n: train_step(
             model, opt, micro, cfg, pad_id=pad_id, max_grad_norm=spec.max_grad_norm, step=n,
-            total=total))
+            total=total, precision=precision))
     first, last, seen, train_s = run.first, run.last, run.seen, run.seconds
     check_finite_weights(model, total, total)
 
@@ -663,11 +669,13 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
         "train_loss_first_step": first.get("loss"),
         "train_margin_first_step": first.get("margin"),
         "policy_dtype": policy_dtype,
+        **precision.record(),
         "train_seconds": round(train_s, 3),
         "pairs_per_s": round(total * per_step / train_s, 2) if train_s > 0 else None,
     }
     if held:
-        final = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size)
+        final = evaluate(model, held, cfg, pad_id=pad_id, batch_size=spec.batch_size,
+                         precision=precision)
         metrics.update({f"eval_{k}": v for k, v in final.items()})
         metrics.update({f"eval_{k}_initial": v for k, v in initial.items()})
     if spec.needs_reference:
@@ -707,7 +715,7 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
     reference = None
     if spec.needs_reference:
         reference = make_reference(spec, base_dir=got.base.model_dir, store=got.store,
-                                   device=settings.device, token=token, dtype=settings.dtype)
+                                   device=settings.device, token=token)  # in the job's dtype
     with tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
         try:
             result = train_dpo(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,

@@ -18,7 +18,9 @@ their sum: prompt tokens never count. The numbers equal a plain `model(ids).logi
   at those positions first, so no `(rows, width, vocab)` logits tensor ever exists;
 - log-softmax is fused: logit[target] − logsumexp(logits), computed in tiles of rows by an
   autograd function that recomputes each tile in backward instead of storing the `(N, vocab)`
-  logits (the memory a large vocabulary would otherwise take).
+  logits (the memory a large vocabulary would otherwise take); logits and log-softmax are fp32
+  whatever the weights' dtype, with autocast off for the head (a `bf16-mixed` job's backbone
+  runs under bf16 autocast, its head does not: `rlhf.trainer.precision`).
 
 A sliding window (Mistral's `sliding_window`, Qwen2's with `use_sliding_window`) is part of the
 packed mask: a token sees only keys whose position is less than the window before its own, as
@@ -240,10 +242,11 @@ def _tiled_backward(ctx, dlogits):
     for s in range(0, hidden.shape[0], ctx.tile):
         h = hidden[s : s + ctx.tile]
         d = dlogits(s, _tile_logits(h, weight, bias))  # (n, V)
-        if need_h:
-            grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
-        if need_w:
-            grad_w.addmm_(d.t(), h.float())  # (V, H)
+        with torch.autocast(device_type=h.device.type, enabled=False):  # fp32, as forward
+            if need_h:
+                grad_h[s : s + ctx.tile] = (d @ weight.float()).to(hidden.dtype)  # (n, H)
+            if need_w:
+                grad_w.addmm_(d.t(), h.float())  # (V, H)
         if grad_b is not None:
             grad_b += d.sum(0)
     if grad_w is not None:
@@ -254,9 +257,11 @@ def _tiled_backward(ctx, dlogits):
 
 
 def _tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = h.float() @ weight.float().t()  # (n, V) fp32
-    if bias is not None:
-        logits = logits + bias.float()
+    # fp32 logits whatever the weights, autocast (a bf16-mixed job) included
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        logits = h.float() @ weight.float().t()  # (n, V) fp32
+        if bias is not None:
+            logits = logits + bias.float()
     return logits
 
 

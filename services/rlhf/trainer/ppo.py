@@ -35,7 +35,8 @@ the policy with its critic inside, commit the stream entries, activate if asked.
   the batch's KL to the reference (mean per-sequence Σ_t k1) over the batch's samples; the next
   β is kept in the version (`ppo_state.json`) and the next job starting from it goes on from it.
 - Optimisation: `ppo_epochs` passes over shuffled minibatches of `minibatch_size` samples (each
-  computed in `grad_accum_steps` micro-batches, same gradient), AdamW per model (policy at
+  computed in `grad_accum_steps` micro-batches, same gradient), the job's `dtype` and
+  `gradient_checkpointing` for both models (`rlhf.trainer.precision`), AdamW per model (policy at
   `learning_rate`, critic at `value_learning_rate`), gradients clipped per model, dropout off
   (eval mode), early stop before a step whose approx-KL to the behaviour policy passes
   `max_approx_kl`. A NaN or infinite loss, gradient norm or weight fails the job naming the step
@@ -60,6 +61,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 
     from rlhf.models.store import ModelStore
     from rlhf.trainer.jobs import JobContext, JobResult
+    from rlhf.trainer.precision import Precision
     from rlhf.trainer.publish import Base
 
 log = logging.getLogger(__name__)
@@ -335,7 +338,7 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
            store) -> PPOTrainResult:
     import torch
 
-    from rlhf.models.loading import load_causal_lm, load_tokenizer, max_context
+    from rlhf.models.loading import load_tokenizer, max_context
     from rlhf.models.tiny import quiet_progress_bars
     from rlhf.trainer.advantages import (
         AdvantageInputs,
@@ -343,9 +346,9 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
         kl_controller,
         kl_penalty,
     )
-    from rlhf.trainer.dpo import make_optimizer
     from rlhf.trainer.finite import check_finite_weights
     from rlhf.trainer.logprobs import completion_values
+    from rlhf.trainer.precision import Precision, make_optimizer
 
     t_start = time.perf_counter()
     records: list[SampleRecord] = []
@@ -364,8 +367,8 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     torch.manual_seed(spec.seed)
-    policy = load_causal_lm(base_dir, device=device)
-    policy.eval()  # no dropout: the ratio compares like with like
+    precision = Precision.of(spec, device)
+    policy = precision.load_causal_lm(base_dir)  # eval mode: the ratio compares like with like
     vocab, context = policy.config.vocab_size, max_context(policy.config)
     usable = [r for r in records if len(r.prompt_ids) + len(r.completion_ids) <= context
               and 0 <= min(r.prompt_ids + r.completion_ids)
@@ -380,6 +383,7 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
     if spec.uses_critic:
         value_model, critic = _load_critic(spec, base_dir, policy, pad_id=pad_id,
                                            critic_dir=critic_dir, store=store, device=device)
+        value_model = precision.prepare(value_model)
 
     # --- the batch: fixed tensors, rewards, advantages ----------------------------------------
     B, T = len(usable), max(len(r.completion_ids) for r in usable)
@@ -409,7 +413,7 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
 
     old_values = None
     if value_model is not None:
-        with torch.inference_mode():
+        with torch.inference_mode(), precision.autocast():  # V_old as V is computed
             parts = [completion_values(value_model, [(r.prompt_ids, r.completion_ids)
                                                      for r in usable[s : s + 64]], pad_id=pad_id)
                      for s in range(0, B, 64)]
@@ -442,7 +446,7 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
             step += 1
             m = _minibatch_step(spec, policy, value_model, opt, vopt, batch,
                                 order[s : s + spec.minibatch_size], beta=beta, norm=norm,
-                                pad_id=pad_id, step=step, total=total)
+                                pad_id=pad_id, step=step, total=total, precision=precision)
             if m is None:  # approx-KL past max_approx_kl: nothing applied, the iteration ends
                 stopped_at = step
                 step -= 1
@@ -496,7 +500,8 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
         "policy_loss": last.get("policy_loss"),
         "value_loss": last.get("value_loss"),
         "explained_variance": last.get("explained_variance"),
-        "policy_dtype": str(next(policy.parameters()).dtype).removeprefix("torch."),
+        "policy_dtype": precision.compute_dtype,
+        **precision.record(),
         "critic": critic["source"],
         "train_seconds": round(train_s, 3),
         "samples_per_s": round(B * epochs_run / train_s, 2) if train_s > 0 else None,
@@ -552,9 +557,10 @@ def _micro_batches(idx: Sequence[int], n: int) -> list[list[int]]:
 
 def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch, idx: list[int], *,
                     beta: float, norm: float, pad_id: int, step: int,
-                    total: int) -> dict[str, float] | None:
+                    total: int, precision: "Precision | None" = None) -> dict[str, float] | None:
     """One optimizer step on the samples `idx` (in `grad_accum_steps` micro-batches); its
-    metrics, or None when its approx-KL passed `max_approx_kl` (nothing applied)."""
+    metrics, or None when its approx-KL passed `max_approx_kl` (nothing applied). The models'
+    forward passes run under `precision.autocast()`, the losses in fp32, backward outside."""
     import torch
 
     from rlhf.trainer.advantages import kl_penalty
@@ -573,7 +579,8 @@ def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch,
         n_tok = float(mask.sum())
         weight = n_tok / tokens_all if token_weighted else len(micro) / len(idx)
         rows = batch.rows(micro)
-        out = completion_logprobs(policy, rows, pad_id=pad_id, entropy=True)
+        with precision.autocast() if precision is not None else nullcontext():
+            out = completion_logprobs(policy, rows, pad_id=pad_id, entropy=True)
         logp = _scatter(out.tokens.float(), mask)  # (b, t)
         entropy = _scatter(out.entropy.float(), mask)  # (b, t)
         pl, st = policy_loss(logp, batch.old_logp[micro, :width], batch.advantages[micro, :width],
@@ -588,7 +595,9 @@ def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch,
             loss = loss + beta * aggregate(kl, mask, agg, norm)
         vl = None
         if value_model is not None:
-            values = _scatter(completion_values(value_model, rows, pad_id=pad_id).float(), mask)
+            with precision.autocast() if precision is not None else nullcontext():
+                values = completion_values(value_model, rows, pad_id=pad_id)
+            values = _scatter(values.float(), mask)
             vl, vst = value_loss(values, batch.old_values[micro, :width],
                                  batch.returns[micro, :width], mask, clip_eps=spec.value_clip_eps,
                                  aggregation=agg, norm=norm)

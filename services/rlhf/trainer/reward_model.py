@@ -13,6 +13,8 @@ classifier's output at the last token, whatever it is (`rlhf.models.reward_head`
 that is also the pad id counts). A sequence longer than `max_length` keeps its last
 `max_length` tokens (the reward is read at the end). A NaN or infinite loss, gradient norm or
 weight fails the job naming the step, before anything is published (`rlhf.trainer.finite`).
+The job's `dtype` and `gradient_checkpointing` apply as in every job (`rlhf.trainer.precision`);
+the loss is computed from the rewards in fp32 at least.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,7 @@ from rlhf.trainer.data import (
 from rlhf.trainer.jobs import JobContext, JobResult, RewardModelJob
 from rlhf.trainer.pipeline import (PREFERENCES, publish_and_finish, read_inputs, step_reporter,
                                    version_extra)
+from rlhf.trainer.precision import Precision
 
 if TYPE_CHECKING:
     import torch
@@ -100,8 +104,10 @@ def _rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device) -> "torc
 
 
 def accumulate_gradients(model, micro_batches: Sequence[Sequence[tuple[list[int], list[int]]]],
-                         pad_id: int, device) -> tuple[float, float]:
-    """Backpropagate the mean loss over every pair of `micro_batches`, one micro-batch per pass.
+                         pad_id: int, device, precision: Precision | None = None
+                         ) -> tuple[float, float]:
+    """Backpropagate the mean loss over every pair of `micro_batches`, one micro-batch per pass
+    (forward under `precision.autocast()`, backward outside it).
 
     Each micro-batch's mean loss is weighted by its share of the pairs, so the gradients equal
     those of one pass over all of them. Returns that (loss, accuracy).
@@ -109,7 +115,9 @@ def accumulate_gradients(model, micro_batches: Sequence[Sequence[tuple[list[int]
     total = sum(len(b) for b in micro_batches)
     loss_sum = acc_sum = 0.0
     for batch in micro_batches:
-        r = _rewards(model, [c for c, _ in batch] + [rj for _, rj in batch], pad_id, device)  # (2B,)
+        with precision.autocast() if precision is not None else nullcontext():
+            r = _rewards(model, [c for c, _ in batch] + [rj for _, rj in batch], pad_id,
+                         device)  # (2B,) ≥ fp32
         loss, acc = bradley_terry_loss(r[: len(batch)], r[len(batch):])
         (loss * (len(batch) / total)).backward()
         loss_sum += float(loss.detach()) * len(batch)
@@ -118,7 +126,7 @@ def accumulate_gradients(model, micro_batches: Sequence[Sequence[tuple[list[int]
 
 
 def evaluate(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, device,
-             batch_size: int = 32) -> dict[str, float]:
+             batch_size: int = 32, precision: Precision | None = None) -> dict[str, float]:
     """Pairwise accuracy and mean Bradley–Terry loss over encoded pairs."""
     import torch
 
@@ -127,7 +135,7 @@ def evaluate(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
     was_training = model.training
     model.eval()
     loss_sum = acc_sum = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast() if precision is not None else nullcontext():
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i:i + batch_size]
             r = _rewards(model, [c for c, _ in chunk] + [rj for _, rj in chunk], pad_id, device)
@@ -173,14 +181,15 @@ def train_reward_model(
 def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step, check):
     import torch
 
-    from rlhf.models.loading import load_reward_model, load_tokenizer, max_context
+    from rlhf.models.loading import load_tokenizer, max_context
     from rlhf.models.tiny import quiet_progress_bars
     from rlhf.trainer.finite import check_finite, check_finite_weights, grad_norm
 
     if not train_pairs:
         raise DataError("no training pairs")
     torch.manual_seed(spec.seed)
-    model = load_reward_model(base_dir, device=device)
+    precision = Precision.of(spec, device)
+    model = precision.load_reward_model(base_dir)  # the job's dtype, gradient checkpointing
     tokenizer = load_tokenizer(base_dir, padding_side="right")
     pad_id = int(model.config.pad_token_id)
     max_length = min(spec.max_length, max_context(model.config))
@@ -188,7 +197,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
     eval_enc = _encode(tokenizer, eval_pairs, max_length)
     dev = next(model.parameters()).device
 
-    initial = evaluate(model, eval_enc, pad_id, dev)
+    initial = evaluate(model, eval_enc, pad_id, dev, precision=precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
@@ -211,7 +220,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
         batches = [order[i:i + spec.batch_size] for i in range(0, n, spec.batch_size)]
         for g in range(0, len(batches), spec.grad_accum_steps):
             group = [[train_enc[i] for i in b] for b in batches[g:g + spec.grad_accum_steps]]
-            last_loss, last_acc = accumulate_gradients(model, group, pad_id, dev)
+            last_loss, last_acc = accumulate_gradients(model, group, pad_id, dev, precision)
             step += 1
             norm = grad_norm(params, spec.max_grad_norm)  # clips when max_grad_norm is set
             check_finite(step, total_steps, loss=last_loss, grad_norm=norm)  # before the update
@@ -226,7 +235,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
                 check()
     seconds = time.perf_counter() - t0
     check_finite_weights(model, step, total_steps)  # before anything is saved
-    final = evaluate(model, eval_enc, pad_id, dev)
+    final = evaluate(model, eval_enc, pad_id, dev, precision=precision)
     model.eval()
     out = Path(out_dir)
     with quiet_progress_bars():
@@ -239,6 +248,7 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
         "steps": step,
         "train_loss": last_loss,
         "train_accuracy": last_acc,
+        **precision.record(),
         "train_seconds": round(seconds, 3),
         "pairs_per_s": round(n * spec.epochs / seconds, 2) if seconds > 0 else None,
     }

@@ -36,7 +36,8 @@ that merges across the boundary belongs to the completion — and a row is cut t
 keeping its start; a record whose context fills `max_length` is skipped.
 
 The optimizer (AdamW, decay on matrices only), the learning-rate schedule and the finite checks
-are DPO's (`dpo.make_optimizer`, `dpo._lr_factor`, `rlhf.trainer.finite`); log-probs come from
+are DPO's (`precision.make_optimizer`, `dpo._lr_factor`, `rlhf.trainer.finite`), and so are the
+model's precision and gradient checkpointing (`rlhf.trainer.precision`); log-probs come from
 `logprobs.completion_logprobs` (packed, prompt computed once per group of completions).
 """
 
@@ -47,6 +48,7 @@ import logging
 import math
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -59,6 +61,7 @@ from rlhf.trainer.pipeline import Reader
 
 if TYPE_CHECKING:
     from rlhf.trainer.jobs import JobContext, JobResult
+    from rlhf.trainer.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +198,12 @@ def batch_nll(model, batch: Sequence[TokenizedExample], *, pad_id: int):
 
 
 def evaluate_nll(model, examples: Sequence[TokenizedExample], *, pad_id: int,
-                 batch_size: int = 16) -> dict[str, float]:
+                 batch_size: int = 16, precision: "Precision | None" = None) -> dict[str, float]:
     """Token-mean NLL (`loss`), its perplexity and the token count over `examples`."""
     import torch
 
     total, tokens = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast() if precision is not None else nullcontext():
         for s in range(0, len(examples), batch_size):
             nll, n = batch_nll(model, examples[s : s + batch_size], pad_id=pad_id)
             total += float(nll)
@@ -211,17 +214,18 @@ def evaluate_nll(model, examples: Sequence[TokenizedExample], *, pad_id: int,
 
 def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedExample]], *,
                pad_id: int, max_grad_norm: float | None = 1.0, step: int = 1,
-               total: int = 1) -> dict[str, float]:
+               total: int = 1, precision: "Precision | None" = None) -> dict[str, float]:
     """One optimizer step: the token-mean NLL over every completion token of the micro-batches
     (each micro-batch's sum divided by the step's token count, so accumulation changes nothing),
-    clipping, AdamW. Raises `finite.TrainingDiverged` before the update on a non-finite loss or
-    gradient norm."""
+    clipping, AdamW; forward passes under `precision.autocast()`. Raises
+    `finite.TrainingDiverged` before the update on a non-finite loss or gradient norm."""
     from rlhf.trainer.finite import check_finite, grad_norm
 
     n_tokens = sum(len(e.completion_ids) for b in micro_batches for e in b)
     loss_sum = 0.0
     for batch in micro_batches:
-        nll, _ = batch_nll(model, batch, pad_id=pad_id)
+        with precision.autocast() if precision is not None else nullcontext():
+            nll, _ = batch_nll(model, batch, pad_id=pad_id)
         (nll / n_tokens).float().backward()
         loss_sum += float(nll.detach())
     out = {"loss": loss_sum / n_tokens, "tokens": float(n_tokens)}
@@ -284,9 +288,10 @@ def train_sft(
 def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, device):
     import torch
 
-    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.models.loading import load_tokenizer
     from rlhf.models.tiny import quiet_progress_bars
-    from rlhf.trainer.dpo import _lr_factor, make_optimizer, run_optimizer_steps
+    from rlhf.trainer.dpo import _lr_factor, run_optimizer_steps
+    from rlhf.trainer.precision import Precision, make_optimizer
     from rlhf.trainer.finite import check_finite_weights
 
     t_start = time.perf_counter()
@@ -305,10 +310,12 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
                        f"that fills max_length={spec.max_length}, or an empty completion)")
 
     torch.manual_seed(spec.seed)
-    model = load_causal_lm(base_dir, device=device)
-    model.eval()  # no dropout (the tiny and most modern decoders have none anyway)
-    policy_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    initial = evaluate_nll(model, held, pad_id=pad_id, batch_size=spec.batch_size) if held else {}
+    precision = Precision.of(spec, device)
+    # eval mode: no dropout (the tiny and most modern decoders have none anyway)
+    model = precision.load_causal_lm(base_dir)
+    policy_dtype = precision.compute_dtype
+    initial = evaluate_nll(model, held, pad_id=pad_id, batch_size=spec.batch_size,
+                           precision=precision) if held else {}
     opt = make_optimizer(model, lr=spec.learning_rate, betas=spec.adam_betas, eps=spec.adam_eps,
                          weight_decay=spec.weight_decay)
     per_step = spec.batch_size * spec.grad_accum_steps
@@ -320,7 +327,7 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
     def step(micro, n: int) -> dict[str, float]:
         nonlocal tokens
         out = train_step(model, opt, micro, pad_id=pad_id, max_grad_norm=spec.max_grad_norm,
-                         step=n, total=total)
+                         step=n, total=total, precision=precision)
         tokens += int(out["tokens"])
         return out
 
@@ -338,6 +345,7 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
         "train_loss_first_step": first.get("loss"),
         "train_tokens": tokens,
         "policy_dtype": policy_dtype,
+        **precision.record(),
         "train_seconds": round(train_s, 3),
         "examples_per_s": round(total * per_step / train_s, 2) if train_s > 0 else None,
         "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
@@ -345,7 +353,8 @@ def _train(spec, records, *, base_dir, out_dir, eval_records, progress, check, d
     if "grad_norm" in last:
         metrics["train_grad_norm"] = last["grad_norm"]
     if held:
-        final = evaluate_nll(model, held, pad_id=pad_id, batch_size=spec.batch_size)
+        final = evaluate_nll(model, held, pad_id=pad_id, batch_size=spec.batch_size,
+                             precision=precision)
         metrics.update({"eval_loss": final["loss"], "eval_perplexity": final["perplexity"],
                         "eval_tokens": int(final["tokens"]),
                         "eval_loss_initial": initial["loss"],
