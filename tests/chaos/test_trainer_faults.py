@@ -36,8 +36,9 @@ def rig(tmp_path_factory):
     """One own Redis, one store and one `rlhf worker` for the module (a worker start is the
     slow part). The store is on its own 64 MiB tmpfs where this process may mount one (the
     disk-full test fills it; without it that test is skipped). The worker carries the fault
-    hook for one model name only (RLHF_FAULT_PAUSE_AT=after_store_publish:<name>), which only
-    the kill test uses; `rig["worker"]` is replaced when a test kills it."""
+    hook for two model names only (RLHF_FAULT_PAUSE_AT=after_store_publish:<name>,
+    after_register:<name2>), which only the kill tests use; `rig["worker"]` is replaced when a
+    test kills it (the replacement carries no hook)."""
     base = tmp_path_factory.mktemp("trainer-faults")
     mnt = base / "small-fs"
     mnt.mkdir()
@@ -46,7 +47,8 @@ def rig(tmp_path_factory):
     server = RedisProc(base / "redis", appendonly=True, appendfsync="always").start()
     ctx = {"base": base, "server": server, "store": mnt / "store", "fs": mnt,
            "mounted": mounted.returncode == 0, "mount_error": mounted.stderr.strip(),
-           "paused_model": unique("rm-paused"), "workers": []}
+           "paused_model": unique("rm-paused"), "registered_model": unique("rm-registered"),
+           "workers": []}
 
     def start(name: str, **env: str) -> Worker:
         w = Worker(base / f"{name}.log", redis_url=server.url, store=ctx["store"],
@@ -58,7 +60,8 @@ def rig(tmp_path_factory):
 
     ctx["start"] = start
     try:
-        start("w1", **{FAULT_PAUSE_ENV: f"after_store_publish:{ctx['paused_model']}"})
+        start("w1", **{FAULT_PAUSE_ENV: f"after_store_publish:{ctx['paused_model']},"
+                                        f"after_register:{ctx['registered_model']}"})
         yield ctx
     finally:
         for w in ctx["workers"]:
@@ -211,4 +214,40 @@ def test_worker_killed_between_store_and_registry_leaves_one_version(rig, job, t
     assert registry.history(model) == ["v0001"]
     assert_applied_once(job, pushed, store.verify(model, "v0002"))
     print(f"\nchaos kill-before-register: pairs {len(pushed)}, attempts {rec.attempts}, "
+          f"versions {store.versions(model)}, active {registry.active(model)}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_worker_killed_right_after_registering_leaves_one_version(rig, job, tiny_reward_dir):
+    """The worker SIGKILLed just after publishing: the version is in the store and registered,
+    not yet active. The redelivered job finds it by job id and finishes it: one new version,
+    activated once, every pair applied once. Runs on the module's first worker (which carries
+    the hook for this model) when it is still alive, else on a new one with the hook."""
+    job["model"] = model = rig["registered_model"]
+    store_dir, text = rig["store"], job["text"]
+    registry = Registry(text)
+    publish_active(text, store_dir, model, tiny_reward_dir, kind="reward")  # v0001
+    w1 = rig["worker"]
+    if "w1" not in w1.name:  # the kill test replaced it: a hooked worker again, alone
+        w1.stop()
+        w1 = rig["start"]("w3", **{FAULT_PAUSE_ENV: f"after_register:{model}"})
+    pushed = job["push"](32, seed=33)
+    job_id = job["submit"](epochs=1, activate=True)
+    (child,) = w1.pool_children()
+    wait_for(lambda: proc_state(child) == "T" and registry.versions(model) == ["v0001", "v0002"],
+             timeout=240, what="the job to pause right after registering", interval=0.05)
+    assert registry.active(model) == "v0001"  # registered, not yet activated
+    w1.kill()
+
+    w2 = rig["start"]("w4")
+    rec = job["tc"].wait(job_id, timeout=240, poll_s=0.2)
+    assert (rec.status, rec.version) == ("succeeded", "v0002"), (rec, w2.log()[-3000:])
+    assert rec.attempts == 2
+    store = ModelStore(store_dir)
+    assert store.versions(model) == ["v0001", "v0002"]  # exactly one new version
+    assert registry.versions(model) == ["v0001", "v0002"]
+    assert registry.active(model) == "v0002"
+    assert_applied_once(job, pushed, store.verify(model, "v0002"))
+    print(f"\nchaos kill-after-register: pairs {len(pushed)}, attempts {rec.attempts}, "
           f"versions {store.versions(model)}, active {registry.active(model)}")

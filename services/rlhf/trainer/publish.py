@@ -90,6 +90,7 @@ def publish_version(
         log.info("published %s %s (job %s)", name, manifest.version, job_id)
         _fault_point("after_store_publish", name)
     register(registry, manifest)
+    _fault_point("after_register", name)
     return manifest
 
 
@@ -101,16 +102,18 @@ class StoreFull(OSError):
     """Publishing failed for lack of room in the model store (ENOSPC / EFBIG / EDQUOT)."""
 
 
-#: Fault injection for tests/chaos, inert unless this variable names the point (`point`, or
-#: `point:<model name>` for that model's publishes only): the job's process stops itself
-#: (SIGSTOP) there, so a test can kill the worker at exactly that point.
+#: Fault injection for tests/chaos, inert unless this variable names the point (a
+#: comma-separated list of `point` or `point:<model name>`, the latter for that model's
+#: publishes only; points: `after_store_publish`, `after_register`): the job's process stops
+#: itself (SIGSTOP) there, so a test can kill the worker at exactly that point.
 FAULT_PAUSE_ENV = "RLHF_FAULT_PAUSE_AT"
 
 
 def _fault_point(point: str, name: str) -> None:
-    if os.environ.get(FAULT_PAUSE_ENV) in (point, f"{point}:{name}"):
-        log.warning("fault injection (%s): pausing process %d after publishing %s",
-                    os.environ[FAULT_PAUSE_ENV], os.getpid(), name)
+    wanted = os.environ.get(FAULT_PAUSE_ENV, "").split(",")
+    if point in wanted or f"{point}:{name}" in wanted:
+        log.warning("fault injection (%s): pausing process %d at %s of %s",
+                    os.environ[FAULT_PAUSE_ENV], os.getpid(), point, name)
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
