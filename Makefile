@@ -69,7 +69,7 @@ demo: setup redis
 	$(PY) -m rlhf demo
 
 test: setup redis
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup redis
 	$(PY) -m pytest -q -m "not slow and not vllm"
