@@ -297,3 +297,25 @@ def test_local_reference_computes_a_pair_s_prompt_once(tiny_policy_dir, policy, 
     assert spy.calls >= 1
     for (p, c), v in zip(items, got):
         assert abs(v - sum(teacher_forced_logprobs(policy, p, c))) < TOL * len(c)
+
+
+def test_a_cache_only_pass_caches_what_a_full_pass_caches_and_restores_the_model(policy):
+    """The prefix pass skips the last layer's MLP and queries (`_kv_only`): its cache equals a full
+    pass's exactly, the stand-ins really ran, and the model is whole again afterwards."""
+    from rlhf.serving.shared_prefix import _kv_only
+
+    base = policy.base_model
+    last = base.layers[-1]
+    mlp, attn = last.mlp, last.self_attn
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 0, 0]])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.inference_mode():
+        full = base(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        with _kv_only(base):
+            stand_ins = (type(last.mlp).__name__, type(last.self_attn).__name__)
+            part = base(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    assert stand_ins == ("Passthrough", "KeysValuesOnly")
+    assert last.mlp is mlp and last.self_attn is attn
+    assert len(part.layers) == len(full.layers) == len(base.layers)
+    for a, b in zip(full.layers, part.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

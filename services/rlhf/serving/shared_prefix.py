@@ -8,15 +8,21 @@ continuation token at the position it has alone and attending to its own prompt'
 and to its own continuation. The hidden states equal those of one plain forward over
 prompt + continuation within float rounding.
 
-One group of prompts of similar lengths (`length_groups`) is one prompt pass and one or more
+Each prompt is split before its last token: the prefix (all but the last token) is what runs
+once, and the last prompt token leads the continuation (its state is row 0 of the result). One
+group of prefixes of similar lengths (`length_groups`) is one prefix pass and one or more
 continuation passes:
-1. the prompts, right-padded, `use_cache=True`;
-2. the continuations of the items whose prompt is in the group, split by length (`length_groups`
-   again; each pass but the last on a copy of the cache), right-padded, with the cache rows
-   picked per item, a 2D mask [prompt mask | continuation mask] (the prompt's pads stay masked)
-   and explicit position ids (prompt length + offset).
+1. the prefixes, right-padded, `use_cache=True`; only the cache is read, so the last decoder
+   layer skips its MLP, and (Llama / Qwen2 / Mistral attention) its queries, attention and output
+   projection: it computes and caches its keys and values only (`_kv_only`; the cache is the
+   same as a full pass's, bit for bit);
+2. the continuations (last prompt token + completion) of the items whose prefix is in the group,
+   split by length (`length_groups` again; each pass but the last on a copy of the cache),
+   right-padded, with the cache rows picked per item, a 2D mask [prefix mask | continuation
+   mask] (the prefix's pads stay masked) and explicit position ids (prefix length + offset).
 The causal part of the mask comes from the cache position (the continuation's queries sit after
-the whole padded prompt block), so no key a token should not see is visible.
+the whole padded prefix block), so no key a token should not see is visible. Items whose prompt
+is a single token have no prefix and run as plain right-padded sequences.
 
 `usable(model, longest)` says when this gives what a plain forward gives: sdpa or eager attention
 (a 2D mask with holes in the middle is exact there) and no sliding window that the sequences
@@ -25,7 +31,11 @@ reach past (a sliding cache layer drops keys the mask still counts).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import threading
+import weakref
 from typing import Sequence
 
 from rlhf.serving.batcher import length_groups
@@ -76,51 +86,142 @@ def shared_prefix_hidden(model, items: Sequence[Item], *, pad_id: int,
 
     Row 0 predicts continuation token 0, row j predicts token j (j < C), row C is the state at the
     last token (a sequence classifier's pooled position). Call under `torch.inference_mode()`.
-    """
-    import torch
 
+    Each prompt is split before its last token: the prefix (every token but the last) runs once
+    per distinct prefix and only its keys and values are used, so its pass skips the last layer's
+    MLP and queries (`_kv_only`); the last prompt token leads the continuation, whose first row is then row 0.
+    Items whose prompt is one token (no prefix) run as plain right-padded sequences.
+    """
     for i, (p, c) in enumerate(items):
         if len(p) < 1 or len(c) < 1:
             raise ValueError(f"item {i}: prompt and continuation need at least one token each")
     members: dict[tuple[int, ...], list[int]] = {}
+    single: list[int] = []  # one-token prompts: nothing to share
     for i, (p, _) in enumerate(items):
-        members.setdefault(tuple(p), []).append(i)
-    prompts = list(members)
+        if len(p) > 1:
+            members.setdefault(tuple(p[:-1]), []).append(i)
+        else:
+            single.append(i)
+    tails = {i: (items[i][0][-1], *items[i][1]) for idx in members.values() for i in idx}  # last + cont
+    prefixes = list(members)
     base = model.base_model
     device = next(model.parameters()).device
     out: list = [None] * len(items)
-    for group in length_groups([len(p) for p in prompts], forward_cost_tokens=forward_cost_tokens):
-        plen = [len(prompts[u]) for u in group]
-        ids, mask = _right_padded([prompts[u] for u in group], pad_id)
-        first = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-        h_prompt = first.last_hidden_state  # (U, P, H)
-        rows = [(k, i) for k, u in enumerate(group) for i in members[prompts[u]]]  # (prompt row, item)
-        subs = length_groups([len(items[i][1]) for _, i in rows], forward_cost_tokens=forward_cost_tokens)
+    for group in length_groups([len(p) for p in prefixes], forward_cost_tokens=forward_cost_tokens):
+        plen = [len(prefixes[u]) for u in group]
+        ids, mask = _right_padded([prefixes[u] for u in group], pad_id)
+        with _kv_only(base):  # only the cache of this pass is used
+            cache = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).past_key_values
+        rows = [(k, i) for k, u in enumerate(group) for i in members[prefixes[u]]]  # (prefix row, item)
+        subs = length_groups([len(tails[i]) for _, i in rows], forward_cost_tokens=forward_cost_tokens)
         for n, sub in enumerate(subs):
             # the cache is consumed by each pass (rows picked, continuations appended): a copy for
             # every pass but the last
-            cache = first.past_key_values if n == len(subs) - 1 else copy.deepcopy(first.past_key_values)
             part = [rows[j] for j in sub]
-            h_cont = _continuations(base, cache, part, items, mask, plen, pad_id, device)  # (b, C, H)
-            for r, (k, i) in enumerate(part):
-                c = len(items[i][1])
-                out[i] = torch.cat([h_prompt[k, plen[k] - 1 : plen[k]], h_cont[r, :c]])  # (C + 1, H)
+            h = _continuations(base, cache if n == len(subs) - 1 else copy.deepcopy(cache), part, tails, mask,
+                               plen, pad_id, device)  # (b, 1 + C, H)
+            for r, (_, i) in enumerate(part):
+                out[i] = h[r, : len(tails[i])]  # (C + 1, H)
+    for sub in length_groups([len(items[i][0]) + len(items[i][1]) for i in single],
+                             forward_cost_tokens=forward_cost_tokens):
+        seqs = [(*items[single[j]][0], *items[single[j]][1]) for j in sub]
+        ids, mask = _right_padded(seqs, pad_id)
+        h = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        for r, j in enumerate(sub):
+            out[single[j]] = h[r, : len(seqs[r])]  # from the one prompt token on: (C + 1, H)
     return out
 
 
-def _continuations(base, cache, rows, items, mask, plen, pad_id, device):
-    """One pass over the continuations of `rows` ((prompt row, item) pairs) on `cache` (the
-    prompts' cache, its rows picked here); their last hidden states `(b, C, H)`."""
+def _continuations(base, cache, rows, tails, mask, plen, pad_id, device):
+    """One pass over the continuations `tails[i]` of `rows` ((prefix row, item) pairs) on `cache`
+    (the prefixes' cache, its rows picked here); their last hidden states `(b, longest, H)`."""
     import torch
 
-    cids, cmask = _right_padded([items[i][1] for _, i in rows], pad_id)
-    clen = torch.tensor([len(items[i][1]) for _, i in rows])[:, None]  # (b, 1)
+    cids, cmask = _right_padded([tails[i] for _, i in rows], pad_id)
+    clen = torch.tensor([len(tails[i]) for _, i in rows])[:, None]  # (b, 1)
     offset = torch.minimum(torch.arange(cids.shape[1])[None, :], clen - 1)  # pads: the last real one's
     pos = torch.tensor([plen[k] for k, _ in rows])[:, None] + offset  # (b, C): as alone
     pick = torch.tensor([k for k, _ in rows], dtype=torch.long)
-    cache.reorder_cache(pick.to(device))  # (b, heads, P, d): each item's prompt rows
+    cache.reorder_cache(pick.to(device))  # (b, heads, P, d): each item's prefix rows
     return base(input_ids=cids.to(device), attention_mask=torch.cat([mask[pick], cmask], dim=1).to(device),
                 position_ids=pos.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+
+
+_kv_locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_kv_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _kv_only(base):
+    """A pass whose outputs are not read, only its cache: the last decoder layer's MLP (two
+    thirds of a layer's weights; nothing the cache holds depends on it) is skipped, and for the
+    attention classes in `_KV_ONLY_ATTENTION` its queries, attention and output projection too —
+    that layer only computes and caches its keys and values, with the module's own projections
+    and rotary function (the same numbers). Any other backbone runs whole. The model is patched
+    for the pass, under a lock of its own: a caller must not run the same model from another
+    thread meanwhile except through this module (the services run one batch at a time per
+    loaded model; a swap's candidate is another model object)."""
+    import torch
+
+    layers = getattr(base, "layers", None)
+    last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+    mlp, attn = getattr(last, "mlp", None), getattr(last, "self_attn", None)
+    if last is None or not type(mlp).__name__.endswith("MLP"):
+        yield
+        return
+    passthrough, kv_only = _stand_ins()
+    patch = {"mlp": passthrough()}
+    if type(attn).__name__ in _KV_ONLY_ATTENTION:
+        patch["self_attn"] = kv_only(attn)
+    with _kv_locks_guard:
+        lock = _kv_locks.setdefault(last, threading.Lock())
+    with lock:
+        for name, module in patch.items():
+            setattr(last, name, module)
+        try:
+            yield
+        finally:
+            last.mlp, last.self_attn = mlp, attn
+
+
+#: Attention modules whose forward is q/k/v projections, `apply_rotary_pos_emb` of their modeling
+#: module, `past_key_values.update(k, v, layer_idx)`, attention, o_proj (no q/k norms).
+_KV_ONLY_ATTENTION = frozenset({"LlamaAttention", "Qwen2Attention", "MistralAttention"})
+
+
+@functools.lru_cache(maxsize=None)
+def _stand_ins():
+    """(Passthrough, KeysValuesOnly): module classes made on first use (torch imported lazily)."""
+    import sys
+
+    import torch
+
+    class Passthrough(torch.nn.Module):
+        """Stands in for a skipped MLP: its values are never read."""
+
+        def forward(self, hidden, *args, **kwargs):
+            return hidden
+
+    class KeysValuesOnly(torch.nn.Module):
+        """Stands in for a last layer's attention in a cache-only pass: keys and values, cached."""
+
+        def __init__(self, attn):
+            super().__init__()
+            object.__setattr__(self, "attn", attn)  # not registered as a submodule
+
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                    **kwargs):
+            attn = self.attn
+            shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+            k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+            v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+            cos, sin = position_embeddings
+            _, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(k[:, :1], k, cos, sin)
+            if past_key_values is not None:
+                past_key_values.update(k, v, attn.layer_idx)
+            return hidden_states, None
+
+    return Passthrough, KeysValuesOnly
 
 
 def _right_padded(seqs, pad_id: int):
