@@ -155,6 +155,11 @@ def _useful(ids: list[int], limit: int, eos: set[int]) -> int:
     return min(len(ids), limit)
 
 
+def request_seed(rep_seed: int, i: int) -> int:
+    """The seed request `i` of a round carries, in the service column and the static one alike."""
+    return rep_seed * 100_003 + i
+
+
 async def service_mixed(client, work: Mixed, seed: int) -> Round:
     """Each request sent at its arrival time; latency = answer − arrival."""
     from rlhf_client import SamplingParams
@@ -163,7 +168,7 @@ async def service_mixed(client, work: Mixed, seed: int) -> Round:
 
     async def one(i: int) -> tuple[int, float]:
         await asyncio.sleep(max(0.0, t0 + work.arrivals[i] - time.perf_counter()))
-        params = SamplingParams(temperature=1.0, max_new_tokens=work.max_new[i], seed=seed * 100_003 + i)
+        params = SamplingParams(temperature=1.0, max_new_tokens=work.max_new[i], seed=request_seed(seed, i))
         r = await client.generate([work.prompts[i]], params)
         done = time.perf_counter()
         n = len(r.completions[0].token_ids)
@@ -175,10 +180,12 @@ async def service_mixed(client, work: Mixed, seed: int) -> Round:
     return Round([n for n, _ in got], [lat for _, lat in got], span)
 
 
-async def static_mixed(run_batch, work: Mixed, eos: set[int]) -> Round:
+async def static_mixed(run_batch, work: Mixed, eos: set[int], seed: int) -> Round:
     """The static server: when idle, take every request arrived so far, run them as one batch
-    to the longest member's max_new_tokens, answer all at the end. `run_batch(indices, limit)`
-    returns each row's new token ids."""
+    to the longest member's max_new_tokens, answer all at the end. `run_batch(indices, limit,
+    seeds)` returns each row's new token ids; `seeds`: each row's request seed, as the service
+    column sends it (vLLM: each row then samples the service's tokens up to its own limit, so
+    both columns keep the same useful tokens; hf's generate() draws from one generator)."""
     n = len(work.prompts)
     tokens, latencies = [0] * n, [0.0] * n
     t0 = time.perf_counter()
@@ -190,7 +197,8 @@ async def static_mixed(run_batch, work: Mixed, eos: set[int]) -> Round:
         now = time.perf_counter() - t0
         batch = [j for j in range(nxt, n) if work.arrivals[j] <= now]
         nxt += len(batch)
-        rows = await run_batch(batch, max(work.max_new[j] for j in batch))
+        rows = await run_batch(batch, max(work.max_new[j] for j in batch),
+                               [request_seed(seed, j) for j in batch])
         done = time.perf_counter() - t0
         for j, ids in zip(batch, rows):
             tokens[j] = _useful(ids, work.max_new[j], eos)
@@ -216,7 +224,7 @@ def _hf_static(model_dir: Path):
                                  max_new_tokens=limit, pad_token_id=tok.pad_token_id)
         return out[:, enc["input_ids"].shape[1]:].tolist()
 
-    async def run_batch(indices: list[int], limit: int) -> list[list[int]]:
+    async def run_batch(indices: list[int], limit: int, seeds=None) -> list[list[int]]:
         return generate([state["prompts"][j] for j in indices], limit)  # blocks, as a server's worker
 
     generate(["warm up", "the model"], 4)
@@ -233,9 +241,10 @@ async def _vllm_static(model_dir: Path):
 
     from rlhf.config import Settings
     from rlhf.policy.engines.vllm import engine_args
+    from rlhf.policy.types import sample_seed
 
     llm = AsyncLLM.from_engine_args(engine_args(Settings(metrics_port=None, **VLLM_FLAGS), model_dir))
-    state = {"prompt_ids": [], "calls": 0}
+    state = {"prompt_ids": []}
 
     async def one(ids: list[int], limit: int, seed: int) -> list[int]:
         sp = SamplingParams(temperature=1.0, max_tokens=limit, seed=seed, detokenize=False,
@@ -245,10 +254,10 @@ async def _vllm_static(model_dir: Path):
             final = out
         return list(final.outputs[0].token_ids)
 
-    async def run_batch(indices: list[int], limit: int) -> list[list[int]]:
-        state["calls"] += 1
-        base = state["calls"] * 100_003
-        return list(await asyncio.gather(*(one(state["prompt_ids"][j], limit, base + j) for j in indices)))
+    async def run_batch(indices: list[int], limit: int, seeds: list[int]) -> list[list[int]]:
+        # the service's per-sample seed of each request (rlhf.policy.types.sample_seed)
+        return list(await asyncio.gather(*(one(state["prompt_ids"][j], limit, sample_seed(s, 0, 0))
+                                           for j, s in zip(indices, seeds))))
 
     await one([1, 2, 3], 4, 0)
     return llm, run_batch, state
@@ -293,10 +302,10 @@ def bench_mixed(model_dir: Path, work: Mixed, workdir: Path, backend: str, reps:
             async with AsyncPolicyClient(svc.target, timeout=900) as client:
                 warm = Mixed(work.prompts[:8], [8] * 8, [0.0] * 8)
                 await service_mixed(client, warm, seed=0)
-                await static_mixed(run_batch, warm, eos)
+                await static_mixed(run_batch, warm, eos, seed=0)
                 for rep in range(reps):
                     out["service"].append(await service_mixed(client, work, seed=rep + 1))
-                    out["static"].append(await static_mixed(run_batch, work, eos))
+                    out["static"].append(await static_mixed(run_batch, work, eos, seed=rep + 1))
                     for key in out:  # progress, in case a long run is cut short
                         r = out[key][-1]
                         print(f"round {rep + 1} {key}: {r.tokens_per_s:.0f} tok/s, mean latency "

@@ -10,10 +10,11 @@ Each service runs in its own process, following a model name in the registry (Re
 keep generating 8 greedy tokens; a quiet phase of the same length gives the no-swap latencies.
 The breakdown comes from the service's own log line per swap (`rlhf.serving.swap`): event (the
 registry event's delivery), verify (checksum time not hidden behind the load; the whole hashing
-time in brackets), load, warm-up, probes, switch (the rest: the vLLM gate, tokenizer, the
-assignment) — medians over the swaps. "activate → first new" is measured by the bench: from
-`registry.activate` to the first response that names the new version (a request polled every
-5 ms), so it also holds the wait for a batch slot on a busy server.
+time in brackets), load, warm-up, probes, drain (vLLM in place: the gate waiting for the calls
+in flight), switch (the rest: tokenizer check, the assignment) — medians over the swaps.
+"activate → first new" is measured by the bench: from `registry.activate` to the first response
+that names the new version (a request polled every 5 ms), so it also holds the wait for a batch
+slot on a busy server.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _load_phase(target: str, clients: int, seconds: float, on_tick=None) -> list
 
 
 _SWAP_LINE = re.compile(r"swap \S+ -> \S+ in [0-9.]+s: (.*)$")
-PHASES = ("event", "verify", "load", "warm-up", "probes", "switch")
+PHASES = ("event", "verify", "load", "warm-up", "probes", "drain", "switch")
 
 
 def _phases(log_text: str) -> list[dict[str, float]]:

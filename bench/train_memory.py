@@ -1,17 +1,20 @@
 """Peak memory of a DPO training step on the `small` policy per precision (issue 20): float32,
 bf16-mixed and pure bfloat16, each with and without gradient checkpointing, side by side in one
-run (a LoRA row is kept as a slot for issue 20's adapters).
+run, and a LoRA adapter DPO step (fp32 base frozen, adapter trained: issue 20's item 2).
 
     python bench/train_memory.py [--size small] [--pairs 2] [--prompt-tokens 16]
                                  [--response-tokens 32] [--long-pairs 4]
                                  [--long-response-tokens 256] [--steps 2] [--threads 2]
-                                 [--device cpu] [--configs float32,float32+gc,...]
+                                 [--device cpu] [--lora-r 8] [--configs float32,float32+gc,...]
 
 A configuration is `<dtype>[+gc][@long]`: `+gc` turns gradient checkpointing on; `@long` runs
 it on the long workload (`--long-pairs` pairs of `--long-response-tokens` responses) instead
 of the short one, for the rows where activations matter (on a CPU without bf16 matrix
 instructions a bf16 step on the long workload would take tens of minutes, so by default only
-float32 runs it); its ratio is against `float32@long`.
+float32 runs it); its ratio is against `float32@long`. `lora[+gc][@long]`: float32 weights
+with a LoRA adapter (`--lora-r`, alpha 2r, every linear layer but the head: the job spec's
+`lora` default targets) through `Precision(..., lora=...)`, as a job with `lora` trains: only
+the adapter has gradients and AdamW state; its reference (the adapter off) is the same model.
 
 Each configuration runs in a fresh subprocess (a process's high-water mark only grows, and
 torch's caches outlive a step): it loads the policy through the trainer's own path
@@ -53,9 +56,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("float32", "float32+gc", "bf16-mixed", "bf16-mixed+gc", "bfloat16", "bfloat16+gc",
-           "lora", "float32@long", "float32+gc@long")
-#: Rows not measurable yet: LoRA adapters are issue 20's item 2.
-PENDING = {"lora": "LoRA adapters (issue 20, item 2): not built yet"}
+           "lora", "float32@long", "float32+gc@long", "lora@long")
+#: Rows not measurable yet.
+PENDING: dict[str, str] = {}
 
 
 def _status_kib(field: str) -> int:
@@ -88,7 +91,11 @@ def child(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     dtype, _, gc = a.config.split("@")[0].partition("+")
-    precision = Precision(dtype, gc == "gc", a.device)
+    lora = None
+    if dtype == "lora":  # fp32 base + adapter (the job spec's `lora` with r = --lora-r)
+        dtype, lora = "float32", {"r": a.lora_r, "alpha": 2.0 * a.lora_r, "dropout": 0.0,
+                                  "target_modules": "all-linear"}
+    precision = Precision(dtype, gc == "gc", a.device, lora=lora)
     tok = load_tokenizer(a.model_dir, padding_side="right")
     r = random.Random(0)
 
@@ -106,6 +113,7 @@ def child(a: argparse.Namespace) -> dict:
     before = _status_kib("VmRSS")
     model = precision.load_causal_lm(a.model_dir)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights_cuda = torch.cuda.memory_allocated() if cuda else 0
     opt = make_optimizer(model, lr=1e-5)
     loaded = _status_kib("VmRSS")
@@ -123,7 +131,8 @@ def child(a: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(m["loss"])
     out = {
-        "config": a.config, "params": n_params, "pre_load_rss_mib": before / 1024,
+        "config": a.config, "params": n_params, "trainable": n_trainable,
+        "pre_load_rss_mib": before / 1024,
         "loaded_rss_mib": loaded / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024,
         "hwm_reset": reset, "step_s": min(times), "losses": losses,
         "tokens_per_step": sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
@@ -146,6 +155,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="≥ 2: AdamW's state exists from step 2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--lora-r", type=int, default=8, help="the lora rows' adapter rank")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--timeout", type=float, default=1800, help="Seconds per configuration.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -173,7 +183,8 @@ def main() -> None:
                     "pairs": a.long_pairs if long else a.pairs,
                     "prompt_tokens": a.prompt_tokens,
                     "response_tokens": a.long_response_tokens if long else a.response_tokens,
-                    "steps": a.steps, "threads": a.threads, "device": a.device}
+                    "steps": a.steps, "threads": a.threads, "device": a.device,
+                    "lora_r": a.lora_r}
             t = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)],
                                   capture_output=True, text=True, env=env, timeout=a.timeout)
@@ -227,7 +238,9 @@ def _report(a, rows: list[dict]) -> None:
         ratio = f"{mib / ref:.2f}" if ref else "—"
         second = f"{r['cuda_weights_mib']:.0f}" if cuda else f"{mib:.0f}"
         peak = f"{r['cuda_peak_mib']:.0f}" if cuda else f"{r['peak_rss_mib']:.0f}"
-        print(f"| {r['config']} | {peak} | {second} | {ratio} | {r['step_s']:.2f} | "
+        label = r["config"] + (f" ({r['trainable'] / 1e6:.2f} M trainable)"
+                               if r.get("trainable", r["params"]) != r["params"] else "")
+        print(f"| {label} | {peak} | {second} | {ratio} | {r['step_s']:.2f} | "
               f"{r['losses'][0]:.4f} → {r['losses'][-1]:.4f} |")
 
 

@@ -9,9 +9,10 @@ install (no torch, no celery; nothing here imports the server package `rlhf`).
     rlhf jobs metrics ID [--tail N] [--keys A,B] [--plot PNG]
     rlhf models [list] | show NAME [VERSION] | activate NAME VERSION | rollback NAME
     rlhf models export NAME VERSION DIR                a verified copy of a version
+    rlhf models merge NAME VERSION [--as NAME2] [--activate]   an adapter merged (server)
 
-`jobs reap`, `models add-token` and `models import` are listed here and run by the server package
-(`pip install 'rlhf[train]'` / `'rlhf[serve]'`).
+`jobs reap`, `models add-token`, `models import` and `models merge` are listed here and run by
+the server package (`pip install 'rlhf[train]'` / `'rlhf[serve]'`).
 
 Every command takes `--redis-url` (env RLHF_REDIS_URL, default redis://127.0.0.1:6379/0),
 `--store` (env RLHF_STORE_DIR, default ./model-store), `--json` (print JSON) and `--debug`.
@@ -50,7 +51,9 @@ SERVER_LEAVES: dict[str, dict[str, tuple[str, str]]] = {
     "models": {"add-token": ("add a special token to a model (tokenizer and embeddings), as a "
                              "new version", "serve"),
                "import": ("put a Hugging Face directory into the store as a new version "
-                          "(checksums, golden probes)", "serve")},
+                          "(checksums, golden probes)", "serve"),
+               "merge": ("merge a LoRA adapter version into its base as a new full version",
+                         "serve")},
 }
 _MAX_LINE = 600
 _MANIFEST = "manifest.json"
@@ -222,7 +225,7 @@ def add_parsers(sub, *, server_leaves: ServerLeaves | None = None) -> None:
                     help="draw them into this PNG (needs matplotlib: the serve extra)")
 
     models = sub.add_parser("models", help="model versions: list (default), show, activate, "
-                            "rollback, export, import, add-token",
+                            "rollback, export, import, merge, add-token",
                             description="Model versions: the registry (Redis) and the store.")
     add_common_flags(models)
     models.set_defaults(models_command="list")

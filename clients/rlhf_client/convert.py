@@ -17,6 +17,7 @@ def model_info(msg) -> ModelInfo:
         max_context=msg.max_context,
         vocab_size=msg.vocab_size,
         follows_registry=msg.follows_registry,
+        base=model_ref(msg.base) if msg.HasField("base") else None,
     )
 
 

@@ -91,6 +91,59 @@ class _Precision(_Spec):
     gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's "
                                          "activations in backward instead of keeping them "
                                          "(less memory, ~1 more forward pass of compute).")
+    lora: "LoraSpec | None" = Field(None, description="Train a LoRA adapter (peft) instead of "
+                                    "the full weights and publish it as an adapter version "
+                                    "naming its base (rlhf.models.adapters); unset: full weights.")
+
+
+# --- LoRA adapters (issue 20; rlhf.trainer.precision, rlhf.models.adapters) -------------------
+
+
+class LoraSpec(_Spec):
+    """A LoRA adapter to train (peft `LoraConfig`): only the adapter's weights (and a reward
+    model's score head) train; the base stays frozen and is the reference (adapter off)."""
+
+    r: int = Field(8, gt=0, le=4096, description="The adapter's rank.")
+    alpha: float = Field(16.0, gt=0, description="lora_alpha: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input, in "
+                           "training steps only.")
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | \
+        Literal["all-linear"] = Field("all-linear", description="Module names (suffixes) to adapt, "
+                                      "or \"all-linear\": every linear layer but the output head.")
+
+
+_Precision.model_rebuild()
+
+
+# --- data-parallel training (issue 20; rlhf.trainer.distributed) ------------------------------
+
+
+class DistributedSpec(_Spec):
+    """Run the job's training on `nproc_per_node` torch.distributed ranks (torchrun) started and
+    watched by the Celery task; rank 0 alone saves, the task publishes. Absent: one process."""
+
+    nproc_per_node: int = Field(ge=1, le=1024, description="Ranks (processes) on this node: "
+                                "one per GPU, or a few CPU processes (gloo).")
+    nnodes: Literal[1] = Field(1, description="Nodes in the group the worker starts (1: the "
+                               "worker's node; multi-node groups run as a Kubernetes job, see "
+                               "docs/distributed.md).")
+    backend: Literal["gloo", "nccl"] | None = Field(None, description="Process-group backend "
+                                                    "(unset: nccl on CUDA, gloo on CPU).")
+    strategy: Literal["ddp"] = Field("ddp", description="Data parallel with replicated weights "
+                                     "(gradients all-reduced once per optimizer step).")
+
+
+class _Distributed(_Spec):
+    distributed: DistributedSpec | None = Field(None, description="Data-parallel training on "
+                                                "several processes (unset: one process).")
+
+    def _distributed_problems(self, per_step: int, field: str) -> list[tuple[str, str]]:
+        d = self.distributed
+        if d is not None and d.nproc_per_node * d.nnodes > per_step:
+            return [("distributed.nproc_per_node", f"{d.nproc_per_node * d.nnodes} ranks need at "
+                     f"least as many items per micro-batch ({field} = {per_step}): every rank "
+                     "trains on a non-empty shard")]
+        return []
 
 
 class StreamSource(_Spec):
@@ -237,7 +290,7 @@ class _PolicyTrainingJob(_PolicyJob, _Precision):
         return self
 
 
-class DPOJob(_PolicyTrainingJob):
+class DPOJob(_PolicyTrainingJob, _Distributed):
     """Direct preference optimisation of a policy on preference pairs (no reward model, no RL
     loop). With h = (log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l)) the loss is
     −log σ(βh) for `sigmoid` (see rlhf.trainer.losses for the others)."""
@@ -266,6 +319,8 @@ class DPOJob(_PolicyTrainingJob):
         if self.label_smoothing and self.loss_type not in ("sigmoid", "reference_free"):
             raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' or "
                              f"'reference_free', not {self.loss_type!r}")
+        if problems := self._distributed_problems(self.batch_size, "batch_size"):
+            raise SpecProblems(problems)
         return self
 
     @property
@@ -414,7 +469,7 @@ class CriticSpec(_Spec):
         return self.init_dir is not None or self.init_model is not None
 
 
-class PPOJob(_PolicyJob, _Precision):
+class PPOJob(_PolicyJob, _Precision, _Distributed):
     """Policy optimisation on scored samples: PPO with a critic (`gae`) or a critic-free
     estimator over the n samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
@@ -730,6 +785,10 @@ class LoopJob(_PolicyJob):
         owned = LOOP_OWNED_FIELDS | LOOP_OWNED_BY_TRAINER[self.trainer]
         problems += [(f"train.{k}", "set by the loop, not in train") for k in self.train
                      if k in owned]
+        if self.train.get("lora") is not None:  # round k+1 would start from round k's adapter
+            problems.append(("train.lora", "a loop's rounds start from the previous round's "
+                             "version, and no job starts from an adapter version: LoRA rounds "
+                             "are not supported (run LoRA jobs one by one)"))
         if not any(f.startswith("train.") for f, _ in problems):
             try:
                 child = self.child_spec(1, "v0000", "v0000")

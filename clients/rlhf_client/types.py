@@ -28,6 +28,7 @@ class ModelInfo:
     max_context: int
     vocab_size: int
     follows_registry: bool
+    base: ModelRef | None = None  # an adapter version (LoRA): the base version it runs on
 
 
 @dataclass(frozen=True)

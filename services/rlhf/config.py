@@ -131,6 +131,19 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="Tensor-parallel GPUs.")
     vllm_enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
     vllm_max_num_seqs: int = Field(256, gt=0, description="Most sequences the engine schedules.")
+    # LoRA adapter versions on vLLM (issue 20, helper I2; rlhf.policy.engines.vllm / lora)
+    vllm_enable_lora: bool = Field(
+        False,
+        description="Start every vLLM engine with LoRA support, so an adapter version swaps in "
+        "without a new engine. An engine started for an adapter version has it anyway.",
+    )
+    vllm_max_loras: int = Field(
+        2, gt=0, description="Adapters one vLLM batch may mix (the serving one + a candidate's probes)."
+    )
+    vllm_max_lora_rank: int = Field(
+        16, gt=0, description="Largest LoRA rank vLLM serves (one of 1, 8, 16, 32, 64, 128, 256, 320, "
+        "512); an adapter of a higher rank is refused.",
+    )
 
     # --- queues, registry, trainer -------------------------------------------------------------
     redis_url: SecretStr = Field(

@@ -191,12 +191,28 @@ def test_a_bf16_mixed_sft_run_tracks_fp32(tiny_policy_dir):
             metrics["bf16-mixed"]["policy_dtype"]) == ("bf16-mixed", "float32", "bfloat16")
 
 
-def test_reward_model_and_grpo_training_take_the_dtype(tiny_policy_dir, tiny_reward_dir, tmp_path):
-    from rlhf_client.datafiles import Pair, SampleRecord
+def grpo_samples(policy_dir) -> list:
+    """8 fixed samples in groups of 4 for GRPO: behaviour = reference = the base's own fp32
+    log-probs (also tests/integration/test_lora_train.py)."""
+    from rlhf_client.datafiles import SampleRecord
 
     from rlhf.models.loading import load_causal_lm
-    from rlhf.trainer.jobs import PPOJob, RewardModelJob
     from rlhf.trainer.logprobs import completion_logprobs
+
+    policy = load_causal_lm(policy_dir)
+    rows = [([5, 6, 7], [8 + (i * 7 + j) % 50 for j in range(6)]) for i in range(8)]
+    with torch.inference_mode():
+        lps = completion_logprobs(policy, rows, pad_id=0).per_row()
+    return [SampleRecord(id=f"s{i}", group_id=f"g{i // 4}", prompt_ids=tuple(p),
+                         completion_ids=tuple(c), behaviour_logprobs=tuple(lp),
+                         reference_logprobs=tuple(lp), score=float(i % 4), policy_version="v1")
+            for i, ((p, c), lp) in enumerate(zip(rows, lps))]
+
+
+def test_reward_model_and_grpo_training_take_the_dtype(tiny_policy_dir, tiny_reward_dir, tmp_path):
+    from rlhf_client.datafiles import Pair
+
+    from rlhf.trainer.jobs import PPOJob, RewardModelJob
     from rlhf.trainer.ppo import train_ppo
     from rlhf.trainer.reward_model import train_reward_model
 
@@ -213,15 +229,7 @@ def test_reward_model_and_grpo_training_take_the_dtype(tiny_policy_dir, tiny_rew
     for k in ("train_loss", "eval_loss"):
         assert abs(rm["float32"][k] - rm["bf16-mixed"][k]) <= TOL_MIXED, (k, rm)
 
-    # GRPO on fixed samples: behaviour = reference = the base's own fp32 log-probs
-    policy = load_causal_lm(tiny_policy_dir)
-    rows = [([5, 6, 7], [8 + (i * 7 + j) % 50 for j in range(6)]) for i in range(8)]
-    with torch.inference_mode():
-        lps = completion_logprobs(policy, rows, pad_id=0).per_row()
-    samples = [SampleRecord(id=f"s{i}", group_id=f"g{i // 4}", prompt_ids=tuple(p),
-                            completion_ids=tuple(c), behaviour_logprobs=tuple(lp),
-                            reference_logprobs=tuple(lp), score=float(i % 4), policy_version="v1")
-               for i, ((p, c), lp) in enumerate(zip(rows, lps))]
+    samples = grpo_samples(tiny_policy_dir)
     ppo = {}
     for dtype in ("float32", "bf16-mixed"):
         spec = PPOJob(model_name="x", source={"type": "jsonl", "path": "unused"},

@@ -1083,3 +1083,77 @@ def test_operations_doc_covers_each_overlay():
     assert "dns:///" in doc
     for name in MODEL_SERVICES:
         assert f"dns:///{name}.rlhf.svc" in doc
+
+
+# --- data-parallel training across nodes (issue 20): an opt-in component ---------------------
+
+DISTRIBUTED = "components/distributed-training"
+
+
+def _distributed_objects() -> tuple[list[dict], dict, dict]:
+    plain = render("overlays/gpu")
+    added = [o for o in render(f"overlays/gpu + {DISTRIBUTED}") if o not in plain]
+    kinds = {o["kind"]: o for o in added}
+    return added, kinds["Job"], kinds["Service"]
+
+
+def test_distributed_training_component_adds_an_indexed_job_and_its_headless_service():
+    """Only a Job and a Service (core kinds: schema-validated strictly, no CRD), rendered on the
+    GPU overlay; the Job's pods reach pod 0 by the name the rendezvous uses."""
+    import kubernetes_validate
+
+    text = (K8S / DISTRIBUTED / "kustomization.yaml").read_text()
+    assert text.startswith("# components/distributed-training:")
+    added, job, svc = _distributed_objects()
+    assert sorted(_key(o) for o in added) == [("Job", "trainer-ranks"), ("Service", "trainer-ranks")]
+    for obj in added:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        assert obj["metadata"]["namespace"] == "rlhf"
+        assert all(k in obj["metadata"]["labels"] for k in LABELS)
+
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimit"] == 0
+    nnodes = spec["completions"]
+    assert spec["parallelism"] == nnodes >= 2
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "torch.distributed.run"]
+    args = dict(a.lstrip("-").split("=", 1) for a in c["args"] if a.startswith("--"))
+    assert int(args["nnodes"]) == nnodes and args["node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert c["args"][-3:-1] == ["-m", "rlhf.trainer.ranks"]
+    assert c["args"][-1].startswith("/models/") and "$(RUN_ID)" in c["args"][-1]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert set(env) - {"JOB_COMPLETION_INDEX", "RUN_ID"} <= set(EXTRA_ENV)
+    gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(args["nproc-per-node"]) == int(gpus) == int(c["resources"]["requests"]["nvidia.com/gpu"])
+    # rendezvous: <job>-0.<subdomain>:<port>, the subdomain a headless Service of the Job's pods
+    host, port = args["rdzv-endpoint"].rsplit(":", 1)
+    assert args["rdzv-backend"] == "c10d"
+    assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}" and pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    (sport,) = svc["spec"]["ports"]
+    (cport,) = c["ports"]
+    assert sport["port"] == int(port) == cport["containerPort"] and sport["targetPort"] == cport["name"]
+    # the platform's pod policy, and the model store where the settings point
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    (pvc,) = [o for o in render("overlays/gpu") if o["kind"] == "PersistentVolumeClaim"
+              and o["metadata"]["name"] == claims["models"]]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    (store_dir,) = {o["data"]["RLHF_STORE_DIR"] for o in render("overlays/gpu")
+                    if o["kind"] == "ConfigMap" and "RLHF_STORE_DIR" in o.get("data", {})}
+    assert mounts["models"] == store_dir
+    assert c["image"].rsplit(":", 1)[0] in RLHF_IMAGES

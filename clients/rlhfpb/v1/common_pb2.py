@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhfpb/v1/common.proto\x12\trlhfpb.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x11\n\x0fGetModelRequest\"\x98\x01\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x18\n\x10\x66ollows_registry\x18\x06 \x01(\x08\"%\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"v\n\x13LoadVersionResponse\x12%\n\x08previous\x18\x01 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhfpb/v1/common.proto\x12\trlhfpb.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x11\n\x0fGetModelRequest\"\xbb\x01\n\x10GetModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x18\n\x10\x66ollows_registry\x18\x06 \x01(\x08\x12!\n\x04\x62\x61se\x18\x07 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\"%\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"v\n\x13LoadVersionResponse\x12%\n\x08previous\x18\x01 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.rlhfpb.v1.ModelRef\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfpb.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=439
-  _globals['_FINISHREASON']._serialized_end=582
+  _globals['_FINISHREASON']._serialized_start=474
+  _globals['_FINISHREASON']._serialized_end=617
   _globals['_MODELREF']._serialized_start=37
   _globals['_MODELREF']._serialized_end=78
   _globals['_TOKENIDS']._serialized_start=80
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=105
   _globals['_GETMODELREQUEST']._serialized_end=122
   _globals['_GETMODELRESPONSE']._serialized_start=125
-  _globals['_GETMODELRESPONSE']._serialized_end=277
-  _globals['_LOADVERSIONREQUEST']._serialized_start=279
-  _globals['_LOADVERSIONREQUEST']._serialized_end=316
-  _globals['_LOADVERSIONRESPONSE']._serialized_start=318
-  _globals['_LOADVERSIONRESPONSE']._serialized_end=436
+  _globals['_GETMODELRESPONSE']._serialized_end=312
+  _globals['_LOADVERSIONREQUEST']._serialized_start=314
+  _globals['_LOADVERSIONREQUEST']._serialized_end=351
+  _globals['_LOADVERSIONRESPONSE']._serialized_start=353
+  _globals['_LOADVERSIONRESPONSE']._serialized_end=471
 # @@protoc_insertion_point(module_scope)

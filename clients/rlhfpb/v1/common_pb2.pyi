@@ -39,20 +39,22 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("model", "backend", "max_context", "vocab_size", "kind", "follows_registry")
+    __slots__ = ("model", "backend", "max_context", "vocab_size", "kind", "follows_registry", "base")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FOLLOWS_REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     backend: str
     max_context: int
     vocab_size: int
     kind: str
     follows_registry: bool
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kind: _Optional[str] = ..., follows_registry: _Optional[bool] = ...) -> None: ...
+    base: ModelRef
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kind: _Optional[str] = ..., follows_registry: _Optional[bool] = ..., base: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class LoadVersionRequest(_message.Message):
     __slots__ = ("version",)

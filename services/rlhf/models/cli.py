@@ -126,8 +126,10 @@ def import_model(model_dir: Path, name: str, *, store: "ModelStore", registry: "
     return manifest
 
 
-def cmd_import(args, settings) -> int:
-    """Run `rlhf models import`; failures propagate (the caller prints them as one line)."""
+def _with_registry(settings, work: Callable[["ModelStore", "Registry"], "Manifest"]
+                   ) -> tuple["ModelStore", "Manifest"]:
+    """`work(store, registry)` on the settings' store and Redis, which is pinged first (Redis
+    away: said before any model is loaded); the store and what `work` returned."""
     from rlhf_client.redis_conn import connect
     from rlhf_client.registry import Registry
 
@@ -136,11 +138,17 @@ def cmd_import(args, settings) -> int:
     store = ModelStore(settings.store_dir)
     client = connect(settings.redis_url.get_secret_value(), decode_responses=True)
     try:
-        client.ping()  # Redis away: said before the model is loaded
-        manifest = import_model(args.dir, args.name, store=store, registry=Registry(client),
-                                kind=args.kind, activate=args.activate)
+        client.ping()
+        return store, work(store, Registry(client))
     finally:
         client.close()
+
+
+def cmd_import(args, settings) -> int:
+    """Run `rlhf models import`; failures propagate (the caller prints them as one line)."""
+    store, manifest = _with_registry(settings, lambda store, registry: import_model(
+        args.dir, args.name, store=store, registry=registry, kind=args.kind,
+        activate=args.activate))
     skipped = skipped_files(Path(args.dir))
     out: dict[str, Any] = {"name": manifest.name, "version": manifest.version,
                            "kind": manifest.kind, "files": sorted(manifest.files),
@@ -154,5 +162,95 @@ def cmd_import(args, settings) -> int:
               f"{len(manifest.files)} files, checksums and golden probes recorded"
               f"{', active' if args.activate else ''})"
               + (f"; not copied: {', '.join(skipped)}" if skipped else ""))
+    sys.stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# rlhf models merge (issue 20: LoRA adapters)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_merge_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """`merge` under `rlhf models`: an adapter version merged into a full version."""
+    p = sub.add_parser("merge", help="merge a LoRA adapter version into its base: a new full "
+                       "version (checksums, golden probes)",
+                       description="Load an adapter version's base (verified against the "
+                       "checksums the adapter recorded) with the adapter, merge the adapter into "
+                       "the weights, and publish the result as a full version (safetensors, "
+                       "sha256 of every file, golden probes) that names the adapter it came from.")
+    p.add_argument("name", type=_model_name, metavar="NAME", help="the adapter's model")
+    p.add_argument("version", metavar="VERSION", help="the adapter version")
+    p.add_argument("--as", dest="as_name", type=_model_name, default=None, metavar="NAME2",
+                   help="publish the merged version under this model name (default: NAME)")
+    p.add_argument("--activate", action="store_true", help="make the merged version active")
+    common(p)
+
+
+class NotAnAdapter(UnsafeCheckpoint):
+    """`rlhf models merge` was given a version that is not an adapter."""
+
+
+def merge_version(name: str, version: str, *, store: "ModelStore", registry: "Registry",
+                  as_name: str | None = None, activate: bool = False) -> "Manifest":
+    """Merge adapter version `name` `version` into its base and publish the merged full version
+    as the next version of `as_name` (default `name`), registered (and activated on request).
+    Its manifest: the kind of the adapter's model (policy / reward), golden probes of the merged
+    weights, `extra.merged_from` = the adapter (name, version, base, lora)."""
+    import shutil
+    import tempfile
+
+    from rlhf.models.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, is_adapter,
+                                      merge_to_dir)
+    from rlhf.models.probes import compute_probes
+    from rlhf.models.store import MANIFEST
+
+    manifest = store.verify(name, version)  # TamperedCheckpoint: nothing merged
+    if not is_adapter(manifest):
+        raise NotAnAdapter(f"{name} {version} is not an adapter version (kind "
+                           f"{manifest.kind!r}): nothing to merge")
+    base_dir = adapter_base(store, manifest)  # AdapterBaseMismatch: wrong / changed base
+    adapter_dir = store.path(name, version)
+    kind = manifest.extra.get("adapter_of_kind") or manifest.probes.get("kind") or "policy"
+    with tempfile.TemporaryDirectory(prefix="rlhf-merge-") as t:
+        out = merge_to_dir(base_dir, adapter_dir, Path(t) / "merged")
+        for p in sorted(adapter_dir.iterdir()):  # what else the version carries (a critic ...)
+            if p.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST) or (out / p.name).exists():
+                continue
+            if p.is_dir():
+                shutil.copytree(p, out / p.name)
+            else:
+                shutil.copy2(p, out / p.name)
+        probes = compute_probes(kind, out)
+        base = manifest.extra.get("base") or {}
+        merged = store.publish(
+            as_name or name, out, parent=version if (as_name or name) == name else None,
+            kind=kind, metrics=dict(manifest.metrics), probes=probes,
+            extra={"merged_from": {"name": name, "version": version,
+                                   "base": {"name": base.get("name"),
+                                            "version": base.get("version")},
+                                   "lora": manifest.extra.get("lora")}})
+    store.verify(merged.name, merged.version)
+    registry.register(merged.name, merged.version, merged.created)
+    if activate:
+        registry.activate(merged.name, merged.version)
+    return merged
+
+
+def cmd_merge(args, settings) -> int:
+    """Run `rlhf models merge`; failures propagate (the caller prints them as one line)."""
+    store, manifest = _with_registry(settings, lambda store, registry: merge_version(
+        args.name, args.version, store=store, registry=registry, as_name=args.as_name,
+        activate=args.activate))
+    out: dict[str, Any] = {"name": manifest.name, "version": manifest.version,
+                           "kind": manifest.kind, "merged_from": f"{args.name} {args.version}",
+                           "files": sorted(manifest.files), "active": bool(args.activate),
+                           "store": str(store.path(manifest.name, manifest.version))}
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(f"merged {args.name} {args.version} into {manifest.name} {manifest.version} "
+              f"({manifest.kind}, {len(manifest.files)} files, checksums and golden probes "
+              f"recorded{', active' if args.activate else ''})")
     sys.stdout.flush()
     return 0

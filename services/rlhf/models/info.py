@@ -23,3 +23,4 @@ class ModelInfo:
     max_context: int
     vocab_size: int
     follows_registry: bool = False
+    base: ModelRef | None = None  # an adapter version (LoRA): the base version it runs on

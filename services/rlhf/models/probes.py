@@ -6,7 +6,9 @@ no error), so a swap is trusted only after this check.
 
 - policy: greedy token ids for fixed prompts, with the teacher-forced log-probs of those tokens;
   fp32 engines must reproduce the ids exactly, lower-precision engines (bf16 on GPU) are checked
-  on the log-probs within a tolerance suited to their dtype (see `TOLERANCE`).
+  on the log-probs within a tolerance suited to their dtype (see `TOLERANCE`). Engines whose
+  runner is a `PolicyProbeRunner` are checked in one teacher-forced pass over prompt + golden
+  ids (each golden id the argmax, exact ties accepted) instead of `max_new_tokens` greedy steps.
 - reward: the scores of fixed (prompt, response) pairs.
 - reference: the log-probs of fixed (prompt, completion) sequences.
 """
@@ -37,8 +39,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def compute_probes(kind: str, model_dir: str | Path) -> dict[str, Any]:
-    """Load `model_dir` fresh (fp32, CPU, the safe loading path) and record its probes."""
+def compute_probes(kind: str, model_dir: str | Path, *,
+                   adapter_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load `model_dir` fresh (fp32, CPU, the safe loading path) and record its probes; with
+    `adapter_dir`, those of `model_dir` + that LoRA adapter (`rlhf.models.adapters`)."""
     import torch
 
     from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
@@ -47,12 +51,12 @@ def compute_probes(kind: str, model_dir: str | Path) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
     with torch.inference_mode():
         if kind == "reward":
-            model = load_reward_model(model_dir)
+            model = _with_adapter(load_reward_model(model_dir), adapter_dir)
             items = [(_encode(tok, p), _encode(tok, r)) for p, r in PROBE_PAIRS]
             ids = [torch.tensor([p + r]) for p, r in items]
             scores = [float(sequence_rewards(model, x, torch.ones_like(x))[0]) for x in ids]
             return {"kind": kind, "items": [[p, r] for p, r in items], "scores": scores}
-        model = load_causal_lm(model_dir)
+        model = _with_adapter(load_causal_lm(model_dir), adapter_dir)
         eos = {i for i in (model.generation_config.eos_token_id, tok.eos_token_id) if isinstance(i, int)}
         if kind == "reference":
             items = [(_encode(tok, p), _encode(tok, r)) for p, r in PROBE_PAIRS]
@@ -62,6 +66,14 @@ def compute_probes(kind: str, model_dir: str | Path) -> dict[str, Any]:
         greedy = [_naive_greedy(model, p, PROBE_NEW_TOKENS, eos) for p in prompts]
         return {"kind": "policy", "prompts": prompts, "greedy": greedy, "max_new_tokens": PROBE_NEW_TOKENS,
                 "logprobs": [_teacher_forced(model, p, g) for p, g in zip(prompts, greedy)]}
+
+
+def _with_adapter(model, adapter_dir):
+    if adapter_dir is None:
+        return model
+    from rlhf.models.adapters import load_adapter_model
+
+    return load_adapter_model(model, adapter_dir)
 
 
 def _naive_greedy(model, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
@@ -90,6 +102,27 @@ def _teacher_forced(model, prompt: list[int], completion: list[int]) -> list[flo
 #   reward:    score(items) -> [float]
 #   reference: logprobs(items) -> [[float]]
 ProbeRunner = Callable[..., Awaitable[Any]]
+# An exact tie at an argmax: the golden token's log-prob within this of the best one counts as the
+# argmax (greedy decoding may pick either of two equal logits); other dtypes: 2 × TOLERANCE.
+TIE = {"float32": 1e-5}
+
+
+class PolicyProbeRunner:
+    """A policy probe runner that can also verify in ONE teacher-forced pass.
+
+    `greedy(prompts, max_new_tokens)` as above; `forced(prompts, completions)` -> for each
+    sequence, for each completion token, (its log-prob, the position's best log-prob) given the
+    prompt and the completion before it: one forward over prompt + golden tokens. When the
+    golden token is the argmax at every position (exact ties accepted) greedy decoding on these
+    weights yields exactly the golden ids (it stops where the fresh load stopped: at an eos id,
+    which the tokenizer/config checksums pin, or at max_new_tokens) — the same proof as running
+    the greedy steps, in one engine step instead of `max_new_tokens`."""
+
+    def __init__(self, greedy: ProbeRunner, forced: ProbeRunner | None = None):
+        self.greedy, self.forced = greedy, forced
+
+    async def __call__(self, prompts, max_new_tokens: int):
+        return await self.greedy(prompts, max_new_tokens)
 
 
 async def check_probes(probes: dict[str, Any], run: ProbeRunner, dtype: str = "float32") -> None:
@@ -99,7 +132,19 @@ async def check_probes(probes: dict[str, Any], run: ProbeRunner, dtype: str = "f
     tol = TOLERANCE.get(dtype, 5e-2)
     exact = dtype == "float32"
     kind = probes.get("kind")
-    if kind == "policy":
+    if kind == "policy" and getattr(run, "forced", None) is not None:
+        tie = TIE.get(dtype, 2 * tol)
+        got = await run.forced(probes["prompts"], probes["greedy"])
+        for k, (rows, want_ids, want_lps) in enumerate(zip(got, probes["greedy"], probes["logprobs"])):
+            if len(rows) != len(want_ids):
+                raise ProbeMismatch(
+                    f"probe {k}: {len(rows)} teacher-forced positions for {len(want_ids)} ids")
+            for i, (lp, best) in enumerate(rows if exact else rows[:1]):  # as the greedy check:
+                if not (math.isfinite(lp) and lp >= best - tie):  # low precision: the first id
+                    raise ProbeMismatch(f"probe {k}: greedy token {i} ({want_ids[i]}) is not the argmax on "
+                                        f"these weights (log-prob {lp} vs best {best}): greedy ids differ")
+            _close(f"probe {k} log-probs", [lp for lp, _ in rows], want_lps, tol)
+    elif kind == "policy":
         got = await run(probes["prompts"], probes["max_new_tokens"])
         for k, ((ids, lps), want_ids, want_lps) in enumerate(zip(got, probes["greedy"], probes["logprobs"])):
             if exact and list(ids) != list(want_ids):

@@ -27,7 +27,9 @@ def _linear_score_head(model):
     import torch
 
     head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+    # a LoRA reward model (peft) keeps its trained head in a wrapper around the original linear
+    plain = getattr(head, "original_module", head)
+    if not isinstance(plain, torch.nn.Linear) or getattr(model, "base_model", model) is model:
         return None
     return head
 
@@ -43,6 +45,8 @@ def sequence_rewards(model, input_ids: "torch.Tensor",
     """
     import torch
 
+    if hasattr(model, "get_base_model"):  # a peft model: its adapters live in the layers
+        model = model.get_base_model()
     head = _linear_score_head(model)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]

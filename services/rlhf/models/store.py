@@ -84,7 +84,7 @@ def verify_listing(model_dir: str | Path) -> Manifest:
     d = Path(model_dir)
     if not (d / MANIFEST).is_file():
         raise TamperedCheckpoint(f"{d}: no {MANIFEST} (not a complete store version)")
-    check_safe_dir(d)
+    _check_safe(d)
     manifest = Manifest.read(d)
     present = {p.relative_to(d).as_posix() for p in _files(d)}
     missing = sorted(set(manifest.files) - present)
@@ -159,7 +159,7 @@ class ModelStore:
     ) -> Manifest:
         """Copy a Hugging Face directory in as the next version of `name`; returns its manifest."""
         src = Path(src_dir)
-        check_safe_dir(src)
+        _check_safe(src)
         parent_dir = self.root / name
         parent_dir.mkdir(parents=True, exist_ok=True)
         tmp = parent_dir / f".tmp-{uuid.uuid4().hex}"
@@ -188,6 +188,17 @@ class ModelStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_safe(d: Path) -> None:
+    """`check_safe_dir`, or for a LoRA adapter directory (no config.json, an adapter_config.json:
+    `rlhf.models.adapters`) `check_safe_adapter_dir`."""
+    from rlhf.models.adapters import check_safe_adapter_dir, is_adapter_dir  # imports this module
+
+    if is_adapter_dir(d):
+        check_safe_adapter_dir(d)
+    else:
+        check_safe_dir(d)
 
 
 def _fsync_tree(d: Path) -> None:

@@ -242,6 +242,7 @@ class Generator:
     async def generate(self, req: GenerateInput) -> tuple[list[Completion], ModelRef]:
         """Every completion, ordered by (prompt_index, sample_index), and the producing version."""
         specs, config = self.prepare(req)
+        config = replace(config, deltas=False)  # unary: nothing is read before a sample ends
         states = {(sp.prompt_index, sp.sample_index): _SampleState(list(sp.prompt_ids)) for sp in specs}
         prompt_lps: dict[int, list[float]] = {}  # per prompt: every sample of it shares them
         ref = self.engine.info.ref

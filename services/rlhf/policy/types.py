@@ -39,6 +39,9 @@ class SamplingConfig:
     return_logprobs: bool = False
     reset_token_id: int | None = None
     return_prompt_logprobs: bool = False  # teacher-forced log-probs of the prompt tokens
+    # False: the caller reads each sample only when it finished (a unary call), so an engine may
+    # deliver it in one delta (vLLM: no per-token outputs through its front end); True: stream
+    deltas: bool = True
 
     @property
     def greedy(self) -> bool:

@@ -20,6 +20,7 @@ def get_model_response(info: ModelInfo, swapper=None) -> common_pb2.GetModelResp
         vocab_size=info.vocab_size,
         kind=info.kind,
         follows_registry=info.follows_registry or bool(getattr(swapper, "follows_registry", False)),
+        base=model_ref_pb(info.base) if getattr(info, "base", None) is not None else None,
     )
 
 

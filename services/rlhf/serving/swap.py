@@ -11,7 +11,8 @@ listing and formats are checked before anything is read): `check` first waits fo
 replays the probes, so a version still serves only after both passed — the same verification,
 off the critical path. What each phase cost (event, verify, load, warm-up, probes, switch) is
 logged per swap, kept in `SwapResult.phases` and exported as `rlhf_model_swap_phase_seconds`;
-targets time their own steps with `swap_phase("load")` / `swap_phase("warm-up")`.
+targets time their own steps with `swap_phase("load")` / `swap_phase("warm-up")` /
+`swap_phase("drain")` (vLLM in place: the gate waiting for the calls in flight).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class SwapResult:
 
 #: The phases of a swap, in order. `verify` is the checksum time that was *not* hidden behind the
 #: load (the wait in `check`); `verify-total` (logged, not a phase) is the whole hashing time.
-PHASES = ("event", "verify", "load", "warm-up", "probes", "switch")
+PHASES = ("event", "verify", "load", "warm-up", "probes", "drain", "switch")
 _phases: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("swap_phases", default=None)
 
 

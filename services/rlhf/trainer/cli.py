@@ -84,7 +84,7 @@ def add_server_leaves(group: str, group_sub) -> None:
                         help="seconds a job's record must be unchanged (default: job_reap_grace_s)")
         jr.add_argument("--dry-run", action="store_true", help="list the orphans, re-queue nothing")
         return
-    from rlhf.models.cli import add_import_parser
+    from rlhf.models.cli import add_import_parser, add_merge_parser
     from rlhf.models.tokens import add_add_token_parser
 
     add_add_token_parser(group_sub)
@@ -92,6 +92,7 @@ def add_server_leaves(group: str, group_sub) -> None:
         "--debug", action="store_true", default=argparse.SUPPRESS,
         help="on failure print the traceback (default: one line naming the cause)")
     add_import_parser(group_sub, add_common_flags)
+    add_merge_parser(group_sub, add_common_flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +273,10 @@ def run_models(args, settings) -> int:
         from rlhf.models.tokens import cmd_add_token
 
         return cmd_add_token(args, settings)
+    if args.models_command == "merge":
+        from rlhf.models.cli import cmd_merge
+
+        return cmd_merge(args, settings)
     from rlhf.models.cli import cmd_import
 
     return cmd_import(args, settings)

@@ -256,6 +256,9 @@ class LocalReference:
     or "bf16-mixed" (fp32 weights, forward under bf16 autocast: a bf16-mixed job's policy
     computed the same way). Log-softmax in fp32 whatever the dtype."""
 
+    #: whether rows sharing a prompt may reuse its KV cache (off for `AdapterOffReference`)
+    prefix_reuse = True
+
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_items: int = 64,
                  model=None, dtype: str = "float32"):
         from rlhf.models.loading import load_causal_lm
@@ -287,7 +290,8 @@ class LocalReference:
             for idx in prompt_batches(items, self.batch_items):
                 batch = [items[i] for i in idx]
                 longest = max(len(p) + len(c) for p, c in batch)
-                if self.mixed is None and has_shared_prompts([p for p, _ in batch]) \
+                if self.mixed is None and self.prefix_reuse \
+                        and has_shared_prompts([p for p, _ in batch]) \
                         and logprobs_usable(self.model, longest):
                     sums = shared_prefix_logprobs(self.model, batch, pad_id=self.pad_id)[1]
                 else:
@@ -304,6 +308,48 @@ class LocalReference:
 
     def close(self) -> None:
         self.model = None
+
+
+class AdapterOffReference(LocalReference):
+    """The reference of a LoRA job: the policy itself with its adapter off (peft
+    `disable_adapter()`), which is the base; no second copy of the model. Made without a model
+    (`make_reference` for a LoRA job whose reference is its base); `bind(policy)` once the job's
+    peft policy is loaded (`_train` loads it before the reference log-probs then). Always the
+    policy's own packed forward (no KV-cache prefix reuse: a checkpointed policy has no cache)."""
+
+    prefix_reuse = False
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", batch_items: int = 64,
+                 dtype: str = "float32"):
+        self.model_dir = Path(model_dir)
+        self.device, self.batch_items, self.wanted = device, batch_items, dtype
+        self.peft = self.model = None
+        self.dtype = "bfloat16" if dtype != "float32" else "float32"
+
+    def bind(self, peft_model) -> None:
+        from rlhf.trainer.logprobs import unwrap_adapter
+
+        self.peft = peft_model
+        self.model = unwrap_adapter(peft_model)  # the layers, with the adapter in them
+        self.mixed = Precision(self.wanted, device=self.device) if self.wanted == "bf16-mixed" \
+            else None
+        self.dtype = ("bfloat16" if self.mixed else
+                      str(next(self.model.parameters()).dtype).removeprefix("torch."))
+        cfg = self.model.config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+        self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+
+    def sequence_logps(self, items: Sequence[Item]) -> list[float]:
+        if self.peft is None:
+            raise DPOError("the adapter-off reference is not bound to the job's policy")
+        with self.peft.disable_adapter():
+            return super().sequence_logps(items)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "adapter": "off"}
+
+    def close(self) -> None:  # the policy is the job's: nothing of its own to free
+        self.peft = self.model = None
 
 
 class ServiceReference:
@@ -429,15 +475,27 @@ def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedPair]
     anything, when the loss or the gradient norm is NaN or infinite."""
     from rlhf.trainer.finite import check_finite, grad_norm
 
+    from rlhf.trainer.distributed import current
+
+    group = current()  # a data-parallel rank: its shard, weighed by its share of the global count
     sums: dict[str, float] = {}
     n = 0
     for batch in micro_batches:
+        share = None
+        if group is not None:
+            batch = group.shard(batch)
+            share = len(batch) / group.global_count(len(batch))
         with precision.autocast() if precision is not None else nullcontext():
             loss, m = batch_loss(model, batch, cfg, pad_id=pad_id)
-        (loss / len(micro_batches)).backward()
+        ((loss if share is None else loss * share) / len(micro_batches)).backward()
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * len(batch)
         n += len(batch)
+    if group is not None:  # the global batch's metrics and gradient (the ranks' sum)
+        keys = sorted(sums)
+        sums = group.sum_metrics({**sums, "#pairs": n}, [*keys, "#pairs"])
+        n = sums.pop("#pairs")
+        group.sync_grads(model)
     out = {k: v / n for k, v in sums.items()}
     norm = grad_norm(model.parameters(), max_grad_norm)
     if max_grad_norm is not None:
@@ -497,6 +555,9 @@ def make_reference(spec: DPOJob, *, base_dir: str | Path, store=None, device: st
         ref_dir = store.path(spec.model_name, ref.version)
     else:
         ref_dir = Path(base_dir)
+        if getattr(spec, "lora", None) is not None:  # the base = the policy with its adapter off
+            return AdapterOffReference(ref_dir, device=device, batch_items=ref.batch_items,
+                                       dtype=spec.dtype if dtype is None else dtype)
     return LocalReference(ref_dir, device=device, batch_items=ref.batch_items,
                           dtype=spec.dtype if dtype is None else dtype)
 
@@ -616,9 +677,14 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
     cfg = DPOLossConfig.from_spec(spec)
     precision = Precision.of(spec, device)
     ref_info: dict[str, Any] = {"source": "none"}
+    model = None
     if spec.needs_reference:
         own = reference is None
         source = make_reference(spec, base_dir=base_dir, device=device) if own else reference
+        if isinstance(source, AdapterOffReference):  # LoRA: the policy is its own reference
+            torch.manual_seed(spec.seed)
+            model = precision.load_causal_lm(base_dir)
+            source.bind(model)
         t0 = time.perf_counter()
         try:
             computed = attach_reference_logps(train + held, source)
@@ -628,10 +694,11 @@ def _train(spec, pairs, *, base_dir, out_dir, eval_pairs, reference, progress, c
         ref_info = {**source.describe(), "computed_pairs": computed,
                     "seconds": round(time.perf_counter() - t0, 3)}
 
-    torch.manual_seed(spec.seed)
-    # eval mode (no dropout: policy and reference log-probs are compared like for like), the
-    # job's weights dtype and gradient checkpointing
-    model = precision.load_causal_lm(base_dir)
+    if model is None:
+        torch.manual_seed(spec.seed)
+        # eval mode (no dropout: policy and reference log-probs are compared like for like),
+        # the job's weights dtype and gradient checkpointing (and LoRA adapter)
+        model = precision.load_causal_lm(base_dir)
     policy_dtype = precision.compute_dtype
     if spec.needs_reference:
         ref_info["dtype"] = ref_info.get("dtype") or "unknown"
@@ -718,9 +785,18 @@ def run_dpo_job(spec: DPOJob, ctx: "JobContext") -> "JobResult":
                                    device=settings.device, token=token)  # in the job's dtype
     with tempfile.TemporaryDirectory(prefix="rlhf-dpo-") as tmp:
         try:
-            result = train_dpo(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
-                               eval_pairs=got.evals, reference=reference, progress=on_step,
-                               check=ctx.check, device=settings.device, threads=settings.torch_threads)
+            if spec.distributed is not None:  # torchrun ranks, this task their controller
+                from rlhf.trainer.distributed import train_dpo_distributed
+
+                result = train_dpo_distributed(
+                    spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
+                    eval_pairs=got.evals, reference=reference, progress=on_step, ctx=ctx,
+                    device=settings.device, threads=settings.torch_threads)
+            else:
+                result = train_dpo(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
+                                   eval_pairs=got.evals, reference=reference, progress=on_step,
+                                   check=ctx.check, device=settings.device,
+                                   threads=settings.torch_threads)
         finally:
             if reference is not None:
                 reference.close()

@@ -293,6 +293,12 @@ def fused_token_logprobs_entropy(
 # ------------------------------------------------------------------------------------------------
 
 
+def unwrap_adapter(model):
+    """The transformers model inside a peft (LoRA) model, whose layers carry the adapter (so
+    `disable_adapter()` on the peft model applies to it too); any other model as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _simple_head(model) -> torch.nn.Linear | None:
     """The LM head when logits are exactly `head(hidden)` (no soft-capping / scaling)."""
     cfg = model.config
@@ -582,6 +588,7 @@ def completion_logprobs(
     with gradients), fused with the log-probs (no `(N, vocab)` tensor is kept).
     """
     _check_rows(sequences)
+    model = unwrap_adapter(model)
     head = _simple_head(model)
     counts = torch.tensor([len(c) for _, c in sequences], dtype=torch.long)
     ent: torch.Tensor | None = None
@@ -637,6 +644,7 @@ def completion_values(
 
     `model` is a `*ForSequenceClassification` with one label and a linear `score` head (every
     decoder classifier in transformers); packed like `completion_logprobs`."""
+    model = unwrap_adapter(model)
     from rlhf.models.reward_head import _linear_score_head
 
     _check_rows(sequences)

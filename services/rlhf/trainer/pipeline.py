@@ -27,6 +27,7 @@ from typing import Any
 
 from rlhf_client.registry import Registry
 
+from rlhf.models.adapters import is_adapter_dir, publish_adapter
 from rlhf.models.probes import compute_probes
 from rlhf.models.store import Manifest, ModelStore
 from rlhf.serving.metrics import set_train_metrics
@@ -107,6 +108,7 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
 
     base = resolve_base(store, registry, spec.model_name, base_dir=spec.base_dir,
                         base_version=spec.base_version)
+    _check_adapter_start(spec, store, base)
     entries: list = []
     noun, minimum = reader.noun, reader.min_count(spec)
     if consumer is not None:
@@ -122,6 +124,19 @@ def read_inputs(spec, ctx: JobContext, *, reader: Reader, job_type: str,
     ctx.progress(0.0, {**(stage or {}), noun: len(items), f"train_{noun}": len(train),
                        f"eval_{noun}": len(evals)}, force=True)
     return JobInputs(store, registry, consumer, base, entries, items, train, evals)
+
+
+def _check_adapter_start(spec, store: ModelStore, base: Base) -> None:
+    """A job never starts from an adapter version (merge it first); a LoRA job starts from a
+    store version, the base its adapter version names (`rlhf.models.adapters`)."""
+    from rlhf.models.adapters import refuse_adapter_base
+
+    if base.version is not None:
+        refuse_adapter_base(store, spec.model_name, base.version)
+    elif getattr(spec, "lora", None) is not None:
+        raise ValueError(f"lora: an adapter job starts from a store version of "
+                         f"{spec.model_name!r} (base_version, or its active version), not "
+                         f"base_dir: its adapter version names that base")
 
 
 def _read_stream(consumer: StreamConsumer, reader: Reader, source, minimum: int,
@@ -196,6 +211,14 @@ def publish_and_finish(spec, ctx: JobContext, inputs: JobInputs, out_dir: str | 
                                               "check the job still holds its stream entries"):
         raise TransientError("some stream entries were reclaimed by another consumer while "
                              "training (heartbeat missed); retrying on fresh reads")
+    if is_adapter_dir(out_dir):  # a LoRA job: an adapter version naming its base
+        manifest = ctx.redis(lambda: publish_adapter(
+            inputs.store, spec.model_name, out_dir, base_version=inputs.base.version,
+            registry=inputs.registry, parent=inputs.base.version, job_id=spec.job_id,
+            metrics=metrics, extra={**extra, "adapter_of_kind": kind}),
+            "register the published version")
+        return finish(spec, ctx, inputs.registry, manifest, inputs.consumer, job_type=job_type,
+                      metric_keys=metric_keys)
     probes = compute_probes(kind, out_dir)  # what a service checks before swapping to it
     # The store's rename is the commit point; run again (Redis away while registering), the
     # job's version is found in the store and only registered.

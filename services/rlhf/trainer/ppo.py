@@ -383,7 +383,8 @@ def _train(spec: PPOJob, samples, *, base_dir: Path, out_dir, progress, check, d
     if spec.uses_critic:
         value_model, critic = _load_critic(spec, base_dir, policy, pad_id=pad_id,
                                            critic_dir=critic_dir, store=store, device=device)
-        value_model = precision.prepare(value_model)
+        value_model = precision.prepare(value_model, adapter=False)  # a LoRA job's critic:
+        # full weights (saved beside the adapter; see rlhf.models.adapters)
 
     # --- the batch: fixed tensors, rewards, advantages ----------------------------------------
     B, T = len(usable), max(len(r.completion_ids) for r in usable)
@@ -568,12 +569,22 @@ def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch,
     from rlhf.trainer.logprobs import completion_logprobs, completion_values
     from rlhf.trainer.ppo_losses import aggregate, explained_variance, policy_loss, value_loss
 
+    from rlhf.trainer.distributed import current
+
+    # a data-parallel rank takes its shard of each micro-batch; the weights below divide by the
+    # minibatch's global counts (every rank holds the whole batch), so the ranks' summed
+    # gradients and metrics are the one-process ones
+    group = current()
     agg = spec.aggregation
     token_weighted = agg == "token-mean"
     tokens_all = float(batch.mask[idx].sum())
     sums: dict[str, float] = {}
     v_seen, r_seen = [], []
     for micro in _micro_batches(idx, spec.grad_accum_steps):
+        if group is not None:
+            micro = group.shard(micro)
+            if not micro:
+                continue
         width = int(batch.mask[micro].sum(-1).max())
         mask = batch.mask[micro, :width]  # (b, t)
         n_tok = float(mask.sum())
@@ -623,6 +634,14 @@ def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch,
                 add["value_clip_fraction"] = (vst["value_clip_fraction"], n_tok / tokens_all)
         for k, (v, w) in add.items():
             sums[k] = sums.get(k, 0.0) + v * w
+    if group is not None:
+        keys = ["loss", "policy_loss", "clip_fraction", "approx_kl", "ratio_mean", "entropy",
+                "kl_ref", "score_mean"]
+        sums = group.sum_metrics(sums, keys + (["value_loss", "value_clip_fraction"]
+                                               if value_model is not None else []))
+        group.sync_grads(policy)
+        if value_model is not None:
+            group.sync_grads(value_model)
     out_m = dict(sums)
     if spec.max_approx_kl is not None and out_m["approx_kl"] > spec.max_approx_kl:
         opt.zero_grad(set_to_none=True)
@@ -638,8 +657,12 @@ def _minibatch_step(spec: PPOJob, policy, value_model, opt, vopt, batch: _Batch,
     if value_model is not None:
         norm_v = grad_norm(value_model.parameters(), spec.max_grad_norm)
         out_m["value_grad_norm"] = norm_v
-        v, r = torch.cat(v_seen), torch.cat(r_seen)
-        out_m["explained_variance"] = explained_variance(v, r, torch.ones_like(v, dtype=torch.bool))
+        if group is not None:
+            out_m["explained_variance"] = group.explained_variance(v_seen, r_seen)
+        else:
+            v, r = torch.cat(v_seen), torch.cat(r_seen)
+            out_m["explained_variance"] = explained_variance(v, r, torch.ones_like(v,
+                                                                                 dtype=torch.bool))
     check_finite(step, total, loss=out_m["loss"], grad_norm=norm_p, value_grad_norm=norm_v)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -691,9 +714,18 @@ def run_ppo_job(spec: PPOJob, ctx: "JobContext") -> "JobResult":
 
     on_step = step_reporter(ctx, JOB_TYPE, samples=len(fresh), dropped_stale=len(stale))
     with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
-        result = train_ppo(spec, fresh, base_dir=got.base.model_dir, out_dir=tmp, progress=on_step,
-                           check=ctx.check, device=settings.device, threads=settings.torch_threads,
-                           critic_dir=critic_dir, store=got.store)
+        if spec.distributed is not None:  # torchrun ranks, this task their controller
+            from rlhf.trainer.distributed import train_ppo_distributed
+
+            result = train_ppo_distributed(
+                spec, fresh, base_dir=got.base.model_dir, out_dir=tmp, progress=on_step, ctx=ctx,
+                device=settings.device, threads=settings.torch_threads, critic_dir=critic_dir,
+                store_dir=got.store.root)
+        else:
+            result = train_ppo(spec, fresh, base_dir=got.base.model_dir, out_dir=tmp,
+                               progress=on_step, check=ctx.check, device=settings.device,
+                               threads=settings.torch_threads, critic_dir=critic_dir,
+                               store=got.store)
         ctx.check()
         metrics = {**result.metrics, "dropped_stale": len(stale)}
         extra = version_extra(

@@ -30,6 +30,14 @@ training mode and the trainers keep their models in eval mode (no dropout: polic
 compared like for like), so `prepare` sets the training flag of the checkpointed layers alone
 (`_arm_checkpointed_layers`); their submodules (attention, dropout) stay in eval mode.
 
+`lora` (issue 20): `prepare` wraps the model in a fresh peft LoRA adapter (`with_lora`): the
+base frozen, the adapter (and a sequence classifier's `score` head, `modules_to_save`)
+trainable, so `make_optimizer` (trainable parameters only) steps the adapter alone. Saved with
+`save_pretrained`, the model writes the adapter alone, and the job publishes an adapter version
+(`rlhf.models.adapters`). A DPO job's reference is then the policy with its adapter off
+(`dpo.AdapterOffReference`); `reference_precision` carries no `lora`. A PPO job's critic keeps
+full weights (`prepare(critic, adapter=False)`).
+
 The job records what it used (`Precision.record()`) in its metrics — the job record and the
 published version's manifest: `dtype`, `weights_dtype`, `compute_dtype`,
 `gradient_checkpointing`.
@@ -59,6 +67,8 @@ class Precision:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     device: str = "cpu"
+    #: LoRA (issue 20): the spec's `lora` as a dict (r, alpha, dropout, target_modules), or None
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -67,8 +77,10 @@ class Precision:
     @classmethod
     def of(cls, spec: Any, device: str = "cpu") -> "Precision":
         """A job spec's precision (a spec without the fields: float32, no checkpointing)."""
+        lora = getattr(spec, "lora", None)
         return cls(getattr(spec, "dtype", "float32"),
-                   bool(getattr(spec, "gradient_checkpointing", False)), device)
+                   bool(getattr(spec, "gradient_checkpointing", False)), device,
+                   lora.model_dump(mode="json") if hasattr(lora, "model_dump") else lora)
 
     @property
     def weights_dtype(self) -> str:
@@ -109,10 +121,12 @@ class Precision:
         return self.prepare(load_reward_model(model_dir, dtype=self.weights_dtype,
                                               device=self.device).eval())
 
-    def prepare(self, model):
+    def prepare(self, model, *, adapter: bool = True):
         """Make a loaded model trainable the job's way: weights cast to `weights_dtype`;
-        gradient checkpointing (non-reentrant, no KV cache) when asked. Call it after setting
-        the model's mode (`eval()` / `train()`). Returns the model."""
+        gradient checkpointing (non-reentrant, no KV cache) when asked; with `lora` (and
+        `adapter`), wrapped in a trainable LoRA adapter (`with_lora`: a peft model whose base
+        is frozen). Call it after setting the model's mode (`eval()` / `train()`). Returns the
+        model."""
         import torch
 
         want = getattr(torch, self.weights_dtype)
@@ -126,18 +140,54 @@ class Precision:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             _arm_checkpointed_layers(model)
+        if self.lora is not None and adapter:
+            model = with_lora(model, self.lora, self.gradient_checkpointing)
         return model
 
     def record(self) -> dict[str, Any]:
         """What the job used, for its metrics (job record, version manifest)."""
-        return {"dtype": self.dtype, "weights_dtype": self.weights_dtype,
-                "compute_dtype": self.compute_dtype,
-                "gradient_checkpointing": self.gradient_checkpointing}
+        out = {"dtype": self.dtype, "weights_dtype": self.weights_dtype,
+               "compute_dtype": self.compute_dtype,
+               "gradient_checkpointing": self.gradient_checkpointing}
+        if self.lora is not None:
+            out["lora"] = dict(self.lora)
+        return out
 
     def reference_precision(self) -> "Precision":
         """How a local reference is computed for this job: the same dtype, no checkpointing
         (it runs without gradients)."""
         return Precision(self.dtype, False, self.device)
+
+
+def with_lora(model, lora: dict[str, Any], gradient_checkpointing: bool = False):
+    """`model` wrapped in a fresh trainable LoRA adapter (peft `get_peft_model`): the base's
+    parameters frozen, the adapter's trainable (peft keeps them fp32 over a bf16 base), and for a
+    sequence classifier (reward model, critic) its `score` head trainable too (peft
+    `modules_to_save`: a trained copy saved with the adapter). The base's modes are kept (eval:
+    no dropout in the base); the adapter's dropout runs in training mode. Save it with
+    `save_pretrained` (the adapter alone, safetensors); the adapter off (`disable_adapter()`)
+    is the base, the reference of an adapter job."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    seq_cls = type(model).__name__.endswith("ForSequenceClassification")
+    targets = lora.get("target_modules", "all-linear")
+    config = LoraConfig(
+        r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16.0)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM",
+        modules_to_save=["score"] if seq_cls else None)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed inputs need grad with a frozen embedding
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules not found in the base model
+        raise ValueError(f"lora.target_modules: {e}") from None
+    for name, module in peft_model.named_modules():
+        if ".lora_dropout." in name and isinstance(module, torch.nn.Dropout):
+            module.train()  # active in training steps; peft creates it so, kept explicit
+    return peft_model
 
 
 def _arm_checkpointed_layers(model) -> None:

@@ -54,6 +54,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.models.loading import UnsafeCheckpoint
+from rlhf.models.probes import PolicyProbeRunner
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
 from rlhf.serving.swap import swap_phase
 
@@ -122,6 +124,13 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
     return _Loaded(ref, model, tokenizer, info, eos, int(pad), device)
 
 
+def _host_of(loaded: _Loaded):
+    """The AdapterHost a loaded adapter version runs on (None for a full version)."""
+    from rlhf.policy.engines.lora import AdapterView
+
+    return loaded.model.host if isinstance(loaded.model, AdapterView) else None
+
+
 def _load_like(current: _Loaded, current_dir: Path, model_dir: Path, ref: ModelRef) -> _Loaded | None:
     """A swap's fast path: when every file but the weights is byte-identical to the serving
     version's (config, generation config, tokenizer), the new safetensors go into a copy of the
@@ -136,7 +145,10 @@ def _load_like(current: _Loaded, current_dir: Path, model_dir: Path, ref: ModelR
 
     from rlhf.models.loading import check_safe_dir
     from rlhf.models.store import same_but_weights
+    from rlhf.policy.engines.lora import AdapterView
 
+    if isinstance(current.model, AdapterView):  # base + adapter serving: load the full version anew
+        return None
     try:
         check_safe_dir(model_dir)
         if not same_but_weights(model_dir, current_dir):
@@ -532,6 +544,7 @@ class HFEngine:
         self._model_dir = Path(model_dir)
         self._initial_ref = ref
         self._current: _Loaded | None = None
+        self._host = None  # AdapterHost of the serving adapter version (None: a full version)
         self._waiting: deque[_Seq] = deque()  # guarded by _wait_lock (the worker takes joiners)
         self._wait_lock = threading.Lock()
         self._requests: set[_Request] = set()
@@ -626,6 +639,8 @@ class HFEngine:
             try:
                 with swap_phase("load"):
                     loaded = await asyncio.to_thread(self._load_version, Path(model_dir), ref)
+            except UnsafeCheckpoint:  # an adapter's base missing / not its own: the swapper refuses
+                raise
             except Exception as exc:
                 log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
                 raise FailedPrecondition(
@@ -638,8 +653,13 @@ class HFEngine:
                 probed = True
                 return await self._candidate_greedy(loaded, prompts, max_new_tokens)
 
+            async def forced(prompts, completions):  # one forward per probe (probes.py)
+                nonlocal probed
+                probed = True
+                return await asyncio.to_thread(_forced, loaded, prompts, completions)
+
             if check is not None:
-                await check(greedy)
+                await check(PolicyProbeRunner(greedy, forced))
             if not probed:
                 with swap_phase("warm-up"):
                     await asyncio.to_thread(self._warm, loaded)
@@ -647,6 +667,7 @@ class HFEngine:
                 raise Unavailable("the policy engine closed while loading")
             old, self._current = self._current, loaded  # the swap: one assignment on the loop
             self._model_dir = Path(model_dir)
+            self._host = _host_of(loaded)  # the old host lives on until its last request ends
             log.info(
                 "hf engine swapped %s/%s -> %s/%s",
                 old.ref.name, old.ref.version, ref.name, ref.version,
@@ -654,7 +675,13 @@ class HFEngine:
 
     def _load_version(self, model_dir: Path, ref: ModelRef) -> _Loaded:
         """The version in `model_dir`: into a copy of the serving model when only the weights
-        differ (`_load_like`), else loaded from scratch."""
+        differ (`_load_like`), else loaded from scratch; an adapter version on its base
+        (`_load_adapter`)."""
+        from rlhf.policy.engines.lora import adapter_version
+
+        adapter = adapter_version(model_dir)  # UnsafeCheckpoint: its base missing / not its own
+        if adapter is not None:
+            return self._load_adapter(adapter, ref)
         current = self._current
         if current is not None:
             loaded = _load_like(current, self._model_dir, model_dir, ref)
@@ -806,10 +833,38 @@ class HFEngine:
         return taken
 
     def _load_and_warm(self, model_dir: Path, ref: ModelRef) -> _Loaded:
-        """Load a checkpoint and run a short greedy generation through the real path."""
-        loaded = _load(model_dir, ref, self._settings)
+        """Load a checkpoint (an adapter version on its base) and run a short greedy
+        generation through the real path."""
+        loaded = self._load_version(model_dir, ref)
         self._warm(loaded)
+        self._host = _host_of(loaded)
         return loaded
+
+    def _load_adapter(self, adapter, ref: ModelRef) -> _Loaded:
+        """An adapter version on its base: only the adapter is loaded when the serving adapter
+        has the same base (`AdapterHost.add`); else a host is built on the serving model's copy
+        (the base is serving) or on the base loaded from the store."""
+        import copy
+        import dataclasses
+
+        from rlhf.policy.engines.lora import AdapterHost, AdapterView, same_dir
+
+        host, current = self._host, self._current
+        if host is not None and same_dir(host.base_dir, adapter.base_dir):
+            name = host.add(adapter.adapter_dir)  # the base stays as it is
+        else:
+            if (current is not None and not isinstance(current.model, AdapterView)
+                    and same_dir(self._model_dir, adapter.base_dir)):
+                # the serving base, copied: peft edits the model it wraps
+                base = dataclasses.replace(current, model=copy.deepcopy(current.model))
+            else:
+                base = _load(adapter.base_dir, adapter.base, self._settings)
+            host = AdapterHost(adapter.base_dir, base.model, adapter.adapter_dir)
+            host.base_loaded = dataclasses.replace(base, model=None)
+            name = host.first
+        b = host.base_loaded
+        info = dataclasses.replace(b.info, ref=ref, base=adapter.base)
+        return _Loaded(ref, host.view(name), b.tokenizer, info, b.eos_ids, b.pad_id, b.device)
 
     @staticmethod
     def _warm(loaded: _Loaded) -> None:
@@ -896,6 +951,23 @@ def _greedy(loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[in
             for _, d in deltas:
                 out[d.prompt_index][0].extend(d.token_ids)
                 out[d.prompt_index][1].extend(d.logprobs)
+    return out
+
+
+def _forced(loaded: _Loaded, prompts, completions) -> list[list[tuple[float, float]]]:
+    """(log-prob, best log-prob) of each completion token after prompt + the completion before
+    it: one teacher-forced forward per sequence (the golden probes' one-pass proof)."""
+    out: list[list[tuple[float, float]]] = []
+    with torch.inference_mode():
+        for prompt, completion in zip(prompts, completions):
+            if not completion:
+                out.append([])
+                continue
+            ids = torch.tensor([list(prompt) + list(completion)], device=loaded.device)
+            logits = loaded.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            lps = torch.log_softmax(logits, dim=-1)
+            got = lps.gather(-1, ids[0, len(prompt):, None])[:, 0]
+            out.append(list(zip(got.tolist(), lps.max(dim=-1).values.tolist())))
     return out
 
 

