@@ -20,7 +20,7 @@ from chaos_procs import CHAOS_WORKER_ENV, proc_state
 from redis_procs import RedisProc
 from rlhf_client import TrainingClient
 from rlhf_client.registry import Registry
-from trainer_helpers import (Worker, pause_mid_training, publish_active, push_at_once,
+from trainer_helpers import (Worker, publish_active, push_at_once,
                              synthetic_messages, unique, wait_for)
 
 from rlhf.models.store import ModelStore
@@ -36,9 +36,10 @@ def rig(tmp_path_factory):
     """One own Redis, one store and one `rlhf worker` for the module (a worker start is the
     slow part). The store is on its own 64 MiB tmpfs where this process may mount one (the
     disk-full test fills it; without it that test is skipped). The worker carries the fault
-    hook for two model names only (RLHF_FAULT_PAUSE_AT=after_store_publish:<name>,
-    after_register:<name2>), which only the kill tests use; `rig["worker"]` is replaced when a
-    test kills it (the replacement carries no hook)."""
+    hooks for three model names only (RLHF_FAULT_PAUSE_AT=after_store_publish:<name>,
+    after_register:<name2>,training:<name3>; rlhf.trainer.faults), which only the kill and
+    Redis-restart tests use; `rig["worker"]` is replaced when a test kills it (the replacement
+    carries no hook)."""
     base = tmp_path_factory.mktemp("trainer-faults")
     mnt = base / "small-fs"
     mnt.mkdir()
@@ -48,7 +49,7 @@ def rig(tmp_path_factory):
     ctx = {"base": base, "server": server, "store": mnt / "store", "fs": mnt,
            "mounted": mounted.returncode == 0, "mount_error": mounted.stderr.strip(),
            "paused_model": unique("rm-paused"), "registered_model": unique("rm-registered"),
-           "workers": []}
+           "training_model": unique("rm-training"), "workers": []}
 
     def start(name: str, **env: str) -> Worker:
         w = Worker(base / f"{name}.log", redis_url=server.url, store=ctx["store"],
@@ -61,7 +62,8 @@ def rig(tmp_path_factory):
     ctx["start"] = start
     try:
         start("w1", **{FAULT_PAUSE_ENV: f"after_store_publish:{ctx['paused_model']},"
-                                        f"after_register:{ctx['registered_model']}"})
+                                        f"after_register:{ctx['registered_model']},"
+                                        f"training:{ctx['training_model']}"})
         yield ctx
     finally:
         for w in ctx["workers"]:
@@ -150,13 +152,21 @@ def test_store_disk_full_fails_the_job_and_keeps_the_old_version(rig, job, tiny_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_redis_restart_mid_training_loses_and_repeats_no_pair(rig, job):
-    """Redis SIGKILLed while the job trains (its process paused so the kill lands mid-training
-    on any machine), started again once the job has met the outage: the job finishes in the
-    same attempt, one version, every pair applied once."""
+    """Redis SIGKILLed while the job trains (its process stops itself at its first step, the
+    `training` fault point, so the kill lands mid-training however fast the machine trains),
+    started again once the job has met the outage: the job finishes in the same attempt, one
+    version, every pair applied once."""
+    job["model"] = rig["training_model"]  # the model the first worker's `training` hook names
     w, server = rig["worker"], rig["server"]
+    if "w1" not in w.name:  # a kill test replaced the hooked worker: a hooked one again, alone
+        w.stop()
+        w = rig["start"]("w5", **{FAULT_PAUSE_ENV: f"training:{job['model']}"})
     pushed = job["push"](48, seed=31)
     job_id = job["submit"](epochs=4)
-    child = pause_mid_training(job["tc"], w, job_id)
+    (child,) = w.pool_children()
+    wait_for(lambda: proc_state(child) == "T", timeout=180,
+             what="the job to pause at its first training step", interval=0.02)
+    assert job["tc"].status(job_id).status == "running"
     try:
         server.kill()
     finally:

@@ -115,6 +115,8 @@ from rlhf_client.training import (
     read_job,
 )
 
+from rlhf.trainer.faults import fault_point
+
 if TYPE_CHECKING:
     from rlhf.config import Settings
 
@@ -481,6 +483,8 @@ class JobContext:
         effort: with Redis away the write is skipped (the rows stay buffered) and training goes
         on."""
         self.tracker.record(metrics)
+        if metrics and metrics.get("step") == 1:  # tests/chaos: inert unless asked
+            fault_point("training", str(getattr(self.spec, "model_name", "")))
         now = time.monotonic()
         if not (force or now - self._last_progress >= 0.5) or now < self._progress_paused_until:
             return

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 from rlhf_client.registry import Registry
 
 from rlhf.models.store import Manifest, ModelStore
+from rlhf.trainer.faults import FAULT_PAUSE_ENV, fault_point  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,9 @@ def publish_version(
                             f"version of {name!r} ({code}: {exc.strerror}); nothing was "
                             f"published, the active version is unchanged") from exc
         log.info("published %s %s (job %s)", name, manifest.version, job_id)
-        _fault_point("after_store_publish", name)
+        fault_point("after_store_publish", name)
     register(registry, manifest)
-    _fault_point("after_register", name)
+    fault_point("after_register", name)
     return manifest
 
 
@@ -100,21 +99,6 @@ _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 class StoreFull(OSError):
     """Publishing failed for lack of room in the model store (ENOSPC / EFBIG / EDQUOT)."""
-
-
-#: Fault injection for tests/chaos, inert unless this variable names the point (a
-#: comma-separated list of `point` or `point:<model name>`, the latter for that model's
-#: publishes only; points: `after_store_publish`, `after_register`): the job's process stops
-#: itself (SIGSTOP) there, so a test can kill the worker at exactly that point.
-FAULT_PAUSE_ENV = "RLHF_FAULT_PAUSE_AT"
-
-
-def _fault_point(point: str, name: str) -> None:
-    wanted = os.environ.get(FAULT_PAUSE_ENV, "").split(",")
-    if point in wanted or f"{point}:{name}" in wanted:
-        log.warning("fault injection (%s): pausing process %d at %s of %s",
-                    os.environ[FAULT_PAUSE_ENV], os.getpid(), point, name)
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def register(registry: Registry, manifest: Manifest) -> None:
