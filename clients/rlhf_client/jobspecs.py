@@ -165,7 +165,7 @@ class JsonlSource(_Spec):
     path: str = Field(min_length=1)
 
 
-class RewardModelJob(_Job, _Precision):
+class RewardModelJob(_Job, _Precision, _Distributed):
     """Train a Bradley–Terry reward model: loss −log σ(r_w − r_l) over preference pairs."""
 
     type: Literal["reward_model"] = "reward_model"
@@ -198,6 +198,8 @@ class RewardModelJob(_Job, _Precision):
             raise ValueError("set base_dir or base_version, not both")
         if self.min_eval_accuracy is not None and self.eval_fraction == 0:
             raise ValueError("min_eval_accuracy needs a held-out split (eval_fraction > 0)")
+        if problems := self._distributed_problems(self.batch_size, "batch_size"):
+            raise SpecProblems(problems)
         return self
 
 
@@ -392,7 +394,7 @@ class SFTStreamSource(StreamSource):
                        "and applied-id set: one per model lineage).")
 
 
-class SFTJob(_PolicyTrainingJob):
+class SFTJob(_PolicyTrainingJob, _Distributed):
     """Supervised fine-tuning of a policy: token-mean NLL of each record's completion after its
     prompt (and prefix), the prompt never trained."""
 
@@ -407,6 +409,12 @@ class SFTJob(_PolicyTrainingJob):
     max_length: int = Field(512, ge=2, description="Tokens per row (prompt + prefix + "
                             "completion; longer rows keep their first max_length tokens; a "
                             "context that fills it drops the example).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTJob":
+        if problems := self._distributed_problems(self.batch_size, "batch_size"):
+            raise SpecProblems(problems)
+        return self
 
 
 def check_sft_submit(spec: "SFTJob", client: redis.Redis) -> None:

@@ -2,7 +2,12 @@
 
 - two ranks give the same weights after k optimizer steps as one process with the same global
   batch (gradient accumulation, token-mean losses over micro-batches the ranks split unevenly),
-  for DPO (through the whole job: read, controller, ranks, publish) and for PPO with a critic;
+  for DPO (through the whole job: read, controller, ranks, publish), for PPO with a critic, for
+  SFT (the job: token mean over the global step) and for a reward model (the job: pair mean, a
+  short last micro-batch that leaves one rank an empty shard; published as a reward version);
+- a LoRA DPO job on two ranks trains the adapter alone (the base frozen; the reference is the
+  base, computed once by the controller) to the one-process adapter, and publishes an adapter
+  version naming its base;
 - a rank SIGKILLed mid-job fails the attempt cleanly (a retry, nothing published, the stream /
   record untouched) and the retry publishes exactly one version.
 """
@@ -32,11 +37,17 @@ names = names_fixture("ddp", "test:ddp-prefs")
 #: fp32 on both sides; the ranks' gradient sums differ from one process's only in the order of
 #: float additions. The updates themselves are ~1e-3 (lr 2e-3 with Adam).
 WEIGHT_TOL = 5e-5
+#: Adam's ε for the parity runs. Adam moves every weight by about lr·g/(|g| + ε): a weight whose
+#: gradient nearly cancels (|g| ~ 1e-8, where the order of additions changes the last bits)
+#: moves by a float-noise-dependent share of lr with the default ε = 1e-8 — up to ~1e-4 apart
+#: between one process and two ranks (PPO's v_proj on this machine) while the gradients agree
+#: to 1e-6. ε = 1e-6 keeps those near-zero gradients from deciding the comparison.
+PARITY_ADAM_EPS = 1e-6
 
 
-def max_weight_diff(a_dir, b_dir) -> float:
-    """The largest |a − b| over two checkpoints' weights."""
-    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+def max_weight_diff(a_dir, b_dir, weights: str = "model.safetensors") -> float:
+    """The largest |a − b| over two checkpoints' weights (`weights`: the file)."""
+    a, b = load_file(a_dir / weights), load_file(b_dir / weights)
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
@@ -116,7 +127,8 @@ def test_two_ppo_ranks_with_a_critic_give_one_process_weights(tiny_policy_dir, t
     samples = ppo_samples(tiny_policy_dir, 11)
     fields = dict(model_name="x", source={"type": "jsonl", "path": "unused"}, minibatch_size=6,
                   grad_accum_steps=2, ppo_epochs=1, learning_rate=2e-3, value_learning_rate=2e-3,
-                  seed=5)  # 11 samples: minibatches of 6 and 5, micro-batches split unevenly
+                  seed=5, adam_eps=PARITY_ADAM_EPS)
+    # 11 samples: minibatches of 6 and 5, micro-batches split unevenly
     single = parse_spec({"type": "ppo", **fields})
     one = train_ppo(single, samples, base_dir=tiny_policy_dir, out_dir=tmp_path / "one", threads=1)
     steps = []
@@ -137,6 +149,142 @@ def test_two_ppo_ranks_with_a_critic_give_one_process_weights(tiny_policy_dir, t
     assert json.loads((tmp_path / "two" / "ppo_state.json").read_text()) == one.state
 
 
+def sft_records(n: int) -> list[dict]:
+    """Examples with completions of 1 to 8 words: the ranks' shards hold unequal token counts."""
+    g = random.Random(11)
+    fruit = "apple cherry lemon grape mango banana".split()
+    return [{"id": f"e{i}", "prompt": f"Q{i}: name some {g.choice(['fruit', 'food'])}:",
+             "completion": " " + " ".join(g.choice(fruit) for _ in range(g.randint(1, 8)))}
+            for i in range(n)]
+
+
+def test_a_two_rank_sft_job_matches_one_process(r, names, settings, tiny_policy_dir, tmp_path):
+    from rlhf.trainer.sft import SFT_EXAMPLES, run_sft_job, train_sft
+
+    base = publish_active(r, settings.store_dir, names["model"], tiny_policy_dir).version
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(20))
+    fields = {"type": "sft", "model_name": names["model"], "source": {"type": "jsonl",
+              "path": str(data)}, "learning_rate": 2e-3, "batch_size": 3, "grad_accum_steps": 2,
+              "max_steps": 2, "max_length": 64, "eval_fraction": 0.2,
+              "adam_eps": PARITY_ADAM_EPS}
+    job = parse_spec({**fields, "distributed": {"nproc_per_node": 2}})
+    names["jobs"].append(job.job_id)
+    out = execute(job, run_sft_job, settings=settings, worker="test")
+    assert out.status == "succeeded", out
+    store = ModelStore(settings.store_dir)
+    manifest = store.verify(names["model"], out.version)
+    assert (manifest.kind, manifest.parent, manifest.job_id) == ("policy", base, job.job_id)
+    m = JobStore(r).get(job.job_id).metrics
+    assert (m["world_size"], m["distributed_backend"], m["steps"]) == (2, "gloo", 2)
+
+    single = parse_spec(fields)
+    train, evals = SFT_EXAMPLES.split(SFT_EXAMPLES.read_jsonl(str(data)), single)
+    one = train_sft(single, train, eval_records=evals, base_dir=store.path(names["model"], base),
+                    out_dir=tmp_path / "one", threads=1)
+    moved = max_weight_diff(tmp_path / "one", store.path(names["model"], base))
+    assert moved > 20 * WEIGHT_TOL, moved
+    assert max_weight_diff(tmp_path / "one", store.path(names["model"], out.version)) < WEIGHT_TOL
+    assert m["train_tokens"] == one.metrics["train_tokens"]  # the global steps' tokens
+    for k in ("train_loss", "train_loss_first_step", "eval_loss", "train_grad_norm"):
+        assert abs(one.metrics[k] - m[k]) < 1e-4, (k, one.metrics[k], m[k])
+    assert manifest.extra["applied_ids"] == one.applied_ids
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8.0}], ids=["full", "lora"])
+def test_a_two_rank_reward_model_job_matches_one_process_and_publishes_a_reward_version(
+        r, names, settings, tiny_reward_dir, tmp_path, lora):
+    """Full weights: a reward version (the classifier with its scalar `score` head). LoRA: an
+    adapter version of a reward base holding the adapter and the trained head (peft
+    `modules_to_save`: the head's trainable copy is in the summed gradients)."""
+    from rlhf.trainer.reward_model import run_reward_model_job, train_reward_model
+
+    if lora is not None:
+        pytest.importorskip("peft")
+    base = publish_active(r, settings.store_dir, names["model"], tiny_reward_dir, kind="reward")
+    data = write_jsonl(tmp_path / "prefs.jsonl", pairs(14))
+    fields = {"type": "reward_model", "model_name": names["model"], "base_version": base.version,
+              "source": {"type": "jsonl", "path": str(data)}, "learning_rate": 2e-3,
+              "batch_size": 3, "grad_accum_steps": 2, "max_length": 64, "eval_fraction": 0.25,
+              "lora": lora}
+    single = parse_spec(fields)
+    train, evals = PREFERENCES.split(PREFERENCES.read_jsonl(str(data)), single)
+    # micro-batches of 3, 3, 3, 1: the last step's second micro-batch leaves rank 1 nothing
+    assert len(train) % 3 == 1 and evals, (len(train), len(evals))
+    job = parse_spec({**fields, "distributed": {"nproc_per_node": 2}})
+    names["jobs"].append(job.job_id)
+    out = execute(job, run_reward_model_job, settings=settings, worker="test")
+    assert out.status == "succeeded", out
+    store = ModelStore(settings.store_dir)
+    manifest = store.verify(names["model"], out.version)  # rank 0's files, checksummed
+    assert manifest.job_id == job.job_id and manifest.parent == base.version
+    assert manifest.probes["kind"] == "reward" and manifest.probes["scores"]
+    version_dir = store.path(names["model"], out.version)
+    m = JobStore(r).get(job.job_id).metrics
+    assert (m["world_size"], m["distributed_backend"], m["steps"]) == (2, "gloo", 2)
+
+    base_dir = store.path(names["model"], base.version)
+    one = train_reward_model(base_dir, train, evals, single, out_dir=tmp_path / "one", threads=1)
+    if lora is None:
+        assert manifest.kind == "reward"
+        config = json.loads((version_dir / "config.json").read_text())
+        assert [a.endswith("ForSequenceClassification") for a in config["architectures"]] == [True]
+        weights = "model.safetensors"
+        moved = max_weight_diff(tmp_path / "one", base_dir)
+    else:
+        from rlhf.models.adapters import ADAPTER_WEIGHTS, is_adapter
+
+        assert is_adapter(manifest) and manifest.kind == "adapter"
+        assert manifest.extra["adapter_of_kind"] == "reward"
+        assert manifest.extra["base"]["version"] == base.version
+        weights = ADAPTER_WEIGHTS
+        moved = max(float(v.abs().max()) for k, v in
+                    load_file(tmp_path / "one" / weights).items() if ".lora_B." in k)
+    assert moved > 20 * WEIGHT_TOL, moved
+    assert any(".score." in k or k.startswith("score.")
+               for k in load_file(version_dir / weights)), "the scalar head is published"
+    assert max_weight_diff(tmp_path / "one", version_dir, weights) < WEIGHT_TOL  # head included
+    for k in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
+        assert abs(one[k] - m[k]) < 1e-4, (k, one[k], m[k])
+
+
+def test_a_two_rank_lora_dpo_job_trains_the_adapter_and_publishes_an_adapter_version(
+        r, names, settings, tiny_policy_dir, tmp_path):
+    pytest.importorskip("peft")
+    from rlhf.models.adapters import ADAPTER_WEIGHTS, is_adapter
+
+    base = publish_active(r, settings.store_dir, names["model"], tiny_policy_dir).version
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    fields = {"type": "dpo", "model_name": names["model"], "source": {"type": "jsonl",
+              "path": str(data)}, "learning_rate": 2e-3, "beta": 0.05, "batch_size": 3,
+              "grad_accum_steps": 2, "max_steps": 2, "max_length": 64, "eval_fraction": 0.25,
+              "lora": {"r": 4, "alpha": 8.0}}
+    job = parse_spec({**fields, "distributed": {"nproc_per_node": 2}})
+    names["jobs"].append(job.job_id)
+    out = execute(job, run_dpo_job, settings=settings, worker="test")
+    assert out.status == "succeeded", out
+    store = ModelStore(settings.store_dir)
+    m = store.verify(names["model"], out.version)
+    assert is_adapter(m) and m.kind == "adapter" and m.parent == base
+    assert m.extra["base"]["version"] == base and m.extra["lora"]["r"] == 4
+    assert m.extra["reference"]["adapter"] == "off"  # the base, as in one process
+    assert m.metrics["world_size"] == 2 and m.metrics["lora"]["r"] == 4
+    version_dir = store.path(names["model"], out.version)
+    assert not (version_dir / "config.json").exists()
+    assert all(".lora_A." in k or ".lora_B." in k for k in load_file(version_dir / ADAPTER_WEIGHTS))
+    assert abs(m.metrics["train_loss_first_step"] - 0.6931471805599453) < 1e-6  # log 2
+
+    single = parse_spec(fields)  # one process: the reference is its own policy, adapter off
+    train, evals = PREFERENCES.split(PREFERENCES.read_jsonl(str(data)), single)
+    one = train_dpo(single, train, eval_pairs=evals, base_dir=store.path(names["model"], base),
+                    out_dir=tmp_path / "one", threads=1)
+    adapter = load_file(tmp_path / "one" / ADAPTER_WEIGHTS)
+    moved = max(float(v.abs().max()) for k, v in adapter.items() if ".lora_B." in k)
+    assert moved > 20 * WEIGHT_TOL, moved  # B starts at 0
+    assert max_weight_diff(tmp_path / "one", version_dir, ADAPTER_WEIGHTS) < WEIGHT_TOL
+    for k in ("train_loss", "train_accuracy", "eval_loss"):
+        assert abs(one.metrics[k] - m.metrics[k]) < 1e-4, (k, one.metrics[k], m.metrics[k])
+
+
 def test_the_distributed_field_is_checked_at_submit_naming_the_field():
     from rlhf_client.jobspecs import JobRejected, example_spec
 
@@ -154,3 +302,19 @@ def test_the_distributed_field_is_checked_at_submit_naming_the_field():
     ppo = parse_spec({**example_spec("ppo"), "distributed": {"nproc_per_node": 4,
                                                             "backend": "nccl"}})
     assert ppo.distributed.backend == "nccl"
+    for job_type in ("sft", "reward_model"):  # every job type that trains weights takes it
+        spec = parse_spec({**example_spec(job_type), "batch_size": 4,
+                           "distributed": {"nproc_per_node": 4}})
+        assert spec.distributed.nproc_per_node == 4
+        assert parse_spec(example_spec(job_type)).distributed is None
+        with pytest.raises(JobRejected, match=r"distributed\.nproc_per_node: 5 ranks need at "
+                                              r"least as many items per micro-batch \(batch_size "
+                                              r"= 4\)"):
+            parse_spec({**example_spec(job_type), "batch_size": 4,
+                        "distributed": {"nproc_per_node": 5}})
+        with pytest.raises(JobRejected, match="distributed.backend"):
+            parse_spec({**example_spec(job_type), "distributed": {"nproc_per_node": 2,
+                                                                  "backend": "mpi"}})
+    lora = parse_spec({**example_spec("dpo"), "lora": {"r": 4},  # LoRA and data parallel: fine
+                       "distributed": {"nproc_per_node": 2}})
+    assert lora.lora.r == 4 and lora.distributed.nproc_per_node == 2

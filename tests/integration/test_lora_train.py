@@ -244,8 +244,9 @@ def test_an_adapter_with_a_wrong_missing_or_tampered_base_is_refused(trained, tm
         check_safe_adapter_dir(bad)
 
 
-def test_sft_reward_model_and_grpo_train_adapters(tiny_policy_dir, tiny_reward_dir, tmp_path):
-    """The other job types train an adapter too (SFT with gradient checkpointing): only adapter
+def test_sft_reward_model_grpo_and_gae_train_adapters(tiny_policy_dir, tiny_reward_dir, tmp_path):
+    """The other job types train an adapter too (SFT with gradient checkpointing; GAE with a
+    critic started from the peft-wrapped policy): only adapter
     weights (and the reward model's score head, peft `modules_to_save`) are trainable and saved;
     the reward adapter's probes (base + adapter) are read at the head peft trained."""
     from rlhf_client.datafiles import Pair
@@ -300,3 +301,23 @@ def test_sft_reward_model_and_grpo_train_adapters(tiny_policy_dir, tiny_reward_d
                   threads=1).metrics
     assert abs(m["ratio_mean_first_step"] - 1) < 1e-5 and m["lora"]["r"] == 4
     assert all(".lora_" in k for k in saved_keys(tmp_path / "ppo"))
+
+    # GAE with the critic started from the policy: the critic copies the base backbone out of
+    # the peft-wrapped policy (its `base_layer` names unwrapped, no adapter tensors)
+    from rlhf.trainer.ppo import _critic_from_policy
+    from rlhf.models.loading import load_causal_lm
+    from peft import LoraConfig, get_peft_model
+
+    plain = load_causal_lm(tiny_policy_dir)
+    wrapped = get_peft_model(load_causal_lm(tiny_policy_dir),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    a = _critic_from_policy(plain, 0).base_model.state_dict()
+    b = _critic_from_policy(wrapped, 0).base_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    spec = PPOJob(model_name="x", source={"type": "jsonl", "path": "unused"},
+                  advantage_estimator="gae", minibatch_size=8, ppo_epochs=1,
+                  learning_rate=1e-3, lora=LORA)
+    m = train_ppo(spec, samples, base_dir=tiny_policy_dir, out_dir=tmp_path / "gae",
+                  threads=1).metrics
+    assert abs(m["ratio_mean_first_step"] - 1) < 1e-5
+    assert all(".lora_" in k for k in saved_keys(tmp_path / "gae"))

@@ -1,17 +1,19 @@
 """Data-parallel training on torch.distributed: the Celery task controls a `torchrun` group.
 
-A job spec with `distributed: {nproc_per_node: N, ...}` (DPO, the PPO family) trains on N ranks
-instead of inside the worker's process. The job around the training does not change: the task
-reads and claims its inputs (stream entries stay pending until the version is committed), then
-instead of `train_dpo` / `train_ppo` it calls `train_dpo_distributed` / `train_ppo_distributed`
-here, which
+A job spec with `distributed: {nproc_per_node: N, ...}` (DPO, SFT, reward model, the PPO
+family; full weights or a LoRA adapter) trains on N ranks instead of inside the worker's
+process. The job around the training does not change: the task reads and claims its inputs
+(stream entries stay pending until the version is committed), then instead of `train_<type>` it
+calls `train_<type>_distributed` here: each converts its type's inputs and result around
+`launch`, the part they share, which
 
-1. write what the ranks train on to a directory of the attempt (`job.json`: the spec, the
-   pairs or samples, DPO's reference log-probs computed once here; JSON only, no pickle);
+1. write what the ranks train on to a directory of the attempt (`job.json`: the job type, the
+   spec, the pairs, examples or samples, DPO's reference log-probs computed once here — a LoRA
+   job's from its base, the policy with its adapter off; JSON only, no pickle);
 2. start `python -m torch.distributed.run --nproc-per-node N --rdzv-backend c10d
    --rdzv-endpoint 127.0.0.1:<free port> --max-restarts 0 -m rlhf.trainer.ranks <dir>`
-   (rank processes: `rlhf.trainer.ranks`, which run the ordinary `train_dpo` / `train_ppo`
-   with a `Group` active, see below);
+   (rank processes: `rlhf.trainer.ranks`, which run the type's ordinary trainer with a `Group`
+   active, see below);
 3. watch it: the task's lease heartbeat goes on in this process; the training steps rank 0
    reports (`progress.jsonl`) become the job's progress and history rows; `ctx.check()` runs
    between polls, so a cancel request or a lost lease stops the group;
@@ -29,20 +31,23 @@ here, which
 Inside the ranks (`Group`, `current()`): every rank builds the same model from the same
 checkpoint and seed, walks the same seeded order of items and so forms the same global
 micro-batches; each takes its own disjoint shard of each (`shard`: items `rank::world`), weighs
-its loss by its share of the GLOBAL count (pairs for DPO; tokens or sequences for PPO, as the
-one-process code defines the mean; counts all-reduced), and after the step's micro-batches the
-gradients are summed over the ranks in one flattened all-reduce (`sync_grads`) before clipping
-and the optimizer step. The sum of the ranks' gradients is then the one-process gradient of
-the global batch, gradient accumulation included, and every rank applies the same update
-(replicated weights: DDP's result; the trainers call `model.base_model` and the head weight
-directly for their fused log-prob head, bypassing the `forward()` DDP's reducer and FSDP's
-hooks rely on, so the sync is explicit). Metrics are all-reduced the same way.
+its loss by its share of the GLOBAL count, as the one-process code defines the mean (pairs for
+DPO and the reward model; the step's completion tokens for SFT; tokens or sequences for PPO;
+counts all-reduced where a rank does not hold them), and after the step's micro-batches the
+gradients of the trainable parameters are summed over the ranks in one flattened all-reduce
+(`sync_grads`) before clipping and the optimizer step. The sum of the ranks' gradients is then
+the one-process gradient of the global batch, gradient accumulation included, and every rank
+applies the same update (replicated weights: DDP's result; the trainers call `model.base_model`
+and the head weight directly for their fused log-prob head, bypassing the `forward()` DDP's
+reducer and FSDP's hooks rely on, so the sync is explicit). Metrics are all-reduced the same
+way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -63,8 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Group", "RankError", "RankFailed", "current", "run_group", "train_dpo_distributed",
-           "train_ppo_distributed", "FAULT_KILL_ENV"]
+__all__ = ["Group", "RankError", "RankFailed", "current", "launch", "run_group",
+           "train_dpo_distributed", "train_ppo_distributed", "train_sft_distributed",
+           "train_reward_model_distributed", "FAULT_KILL_ENV"]
 
 #: Fault injection for tests, inert unless set: `<rank>:<step>[:<once-file>]` — that rank
 #: SIGKILLs itself after that optimizer step (with a once-file: only while the file does not
@@ -142,21 +148,30 @@ class Group:
         return 1.0 - (sdd / n - (sd / n) ** 2) / var_r
 
     def sync_grads(self, model) -> None:
-        """Sum the gradients of `model`'s trainable parameters over the ranks (one flattened
-        all-reduce; a rank without a gradient for a parameter contributes zeros)."""
+        """Sum the gradients of `model`'s trainable parameters (`requires_grad`: a LoRA job's
+        adapter, and a reward model's head; never the frozen base) over the ranks: one flattened
+        all-reduce. A rank without a gradient for a parameter (an empty shard) contributes
+        zeros; a parameter no rank has a gradient for keeps none, as in one process (AdamW then
+        skips it: no weight decay on it either)."""
         import torch
         import torch.distributed as dist
 
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             return
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        # after the gradients, one flag per parameter: whether this rank has its gradient
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params])
+                          for p in params]
+                         + [torch.tensor([float(p.grad is not None) for p in params],
+                                         dtype=dtype, device=params[0].device)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        had = flat[-len(params):].tolist()
         offset = 0
-        for p in params:
+        for p, any_grad in zip(params, had):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype, copy=True) if any_grad \
+                else None
             offset += n
 
 
@@ -346,18 +361,48 @@ def _threads(threads: int | None, nproc: int) -> int:
     return max(1, total // nproc)
 
 
+def launch(job_type: str, spec, *, base_dir: str | Path, out_dir: str | Path,
+           inputs: dict[str, Any], progress=None, ctx: "JobContext | None" = None,
+           device: str = "cpu", threads: int | None = None,
+           env: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every job type's data-parallel training shares: the ranks' `job.json` (`job_type`
+    picks the rank trainer in `rlhf.trainer.ranks`; the spec, the directories, the threads per
+    rank and the type's own JSON `inputs`), the group on `spec.distributed.nproc_per_node`
+    ranks (`run_group`). Returns (rank 0's result, the metrics every distributed job adds:
+    `world_size`, `distributed_backend`)."""
+    d = spec.distributed
+    payload = {"job_type": job_type, "spec": spec.model_dump(mode="json"),
+               "base_dir": str(base_dir), "out_dir": str(out_dir),
+               "threads": _threads(threads, d.nproc_per_node), **inputs}
+    res = run_group(payload, nproc=d.nproc_per_node, device=device, backend=d.backend, ctx=ctx,
+                    progress=progress, env=env)
+    return res, {"world_size": d.nproc_per_node * d.nnodes,
+                 "distributed_backend": d.backend or default_backend(device)}
+
+
+def _base_as_adapter_off(source, base_dir: str | Path, spec, device: str):
+    """A LoRA job's reference is its base: the policy with its adapter off. The controller holds
+    no policy, so it loads the base once and computes as the adapter-off policy does (the
+    packed forward: no prompt KV reuse)."""
+    from rlhf.trainer.dpo import LocalReference
+
+    ref = LocalReference(base_dir, device=device, batch_items=spec.reference.batch_items,
+                         dtype=source.wanted)
+    ref.prefix_reuse = False
+    return ref
+
+
 def train_dpo_distributed(spec, pairs: Sequence[Any], *, base_dir: str | Path, out_dir: str | Path,
                           eval_pairs: Sequence[Any] = (), reference=None, progress=None,
                           ctx: "JobContext | None" = None, device: str = "cpu",
                           threads: int | None = None, env: dict[str, str] | None = None):
     """`dpo.train_dpo` on `spec.distributed.nproc_per_node` ranks: the same result (rank 0's
-    checkpoint in `out_dir`). The reference log-probs are computed here once (by `reference`,
-    else the spec's own source) and handed to the ranks."""
+    checkpoint — a LoRA job's adapter — in `out_dir`). The reference log-probs are computed here
+    once (by `reference`, else the spec's own source) and handed to the ranks."""
     from rlhf.models.loading import load_tokenizer
-    from rlhf.trainer.dpo import (DPOTrainResult, PreferenceText, attach_reference_logps,
-                                  encode_pairs, make_reference)
+    from rlhf.trainer.dpo import (AdapterOffReference, DPOTrainResult, PreferenceText,
+                                  attach_reference_logps, encode_pairs, make_reference)
 
-    d = spec.distributed
     train = [asdict(PreferenceText.of(p)) for p in pairs]
     held = [asdict(PreferenceText.of(p)) for p in eval_pairs]
     ref_payload = None
@@ -367,14 +412,11 @@ def train_dpo_distributed(spec, pairs: Sequence[Any], *, base_dir: str | Path, o
                               append_eos=spec.append_eos)
         own = reference is None
         source = make_reference(spec, base_dir=base_dir, device=device) if own else reference
-        if type(source).__name__ == "AdapterOffReference":  # a LoRA job: adapter off = the base,
-            from rlhf.trainer.dpo import LocalReference  # loaded here once (no policy here)
-
+        adapter_off = isinstance(source, AdapterOffReference)  # a LoRA job's reference
+        if adapter_off:
             if not own:
                 source.close()
-            own, source = True, LocalReference(base_dir, device=device,
-                                               batch_items=spec.reference.batch_items,
-                                               dtype=spec.dtype)
+            own, source = True, _base_as_adapter_off(source, base_dir, spec, device)
         t0 = time.perf_counter()
         try:
             attach_reference_logps(tok, source)
@@ -385,20 +427,17 @@ def train_dpo_distributed(spec, pairs: Sequence[Any], *, base_dir: str | Path, o
         for p in tok:
             logps[(p.prompt_ids, p.chosen_ids)] = p.ref_chosen
             logps[(p.prompt_ids, p.rejected_ids)] = p.ref_rejected
-        ref_payload = {"describe": source.describe(), "seconds": round(time.perf_counter() - t0, 3),
+        describe = {**source.describe(), **({"adapter": "off"} if adapter_off else {})}
+        ref_payload = {"describe": describe, "seconds": round(time.perf_counter() - t0, 3),
                        "logps": [[list(k[0]), list(k[1]), v] for k, v in logps.items()]}
-    payload = {"job_type": "dpo", "spec": spec.model_dump(mode="json"), "base_dir": str(base_dir),
-               "out_dir": str(out_dir), "threads": _threads(threads, d.nproc_per_node),
-               "train": train, "eval": held, "reference": ref_payload}
-    res = run_group(payload, nproc=d.nproc_per_node, device=device, backend=d.backend, ctx=ctx,
-                    progress=progress, env=env)
+    res, extra = launch("dpo", spec, base_dir=base_dir, out_dir=out_dir, progress=progress,
+                        ctx=ctx, device=device, threads=threads, env=env,
+                        inputs={"train": train, "eval": held, "reference": ref_payload})
     reference_info = res["reference"]
     if ref_payload is not None:
         reference_info["seconds"] = ref_payload["seconds"]
-    metrics = {**res["metrics"], "world_size": d.nproc_per_node * d.nnodes,
-               "distributed_backend": payload.get("backend") or default_backend(device)}
-    return DPOTrainResult(metrics, res["applied_ids"], res["eval_ids"], res["unapplied_ids"],
-                          reference_info)
+    return DPOTrainResult({**res["metrics"], **extra}, res["applied_ids"], res["eval_ids"],
+                          res["unapplied_ids"], reference_info)
 
 
 def train_ppo_distributed(spec, samples: Sequence[Any], *, base_dir: str | Path, out_dir: str | Path,
@@ -411,15 +450,43 @@ def train_ppo_distributed(spec, samples: Sequence[Any], *, base_dir: str | Path,
 
     from rlhf.trainer.ppo import PPOTrainResult
 
-    d = spec.distributed
-    rows = [SampleRecord.of(s).to_json() for s in samples]
-    payload = {"job_type": "ppo", "spec": spec.model_dump(mode="json"), "base_dir": str(base_dir),
-               "out_dir": str(out_dir), "threads": _threads(threads, d.nproc_per_node),
-               "samples": rows, "critic_dir": None if critic_dir is None else str(critic_dir),
-               "store_dir": None if store_dir is None else str(store_dir)}
-    res = run_group(payload, nproc=d.nproc_per_node, device=device, backend=d.backend, ctx=ctx,
-                    progress=progress, env=env)
-    metrics = {**res["metrics"], "world_size": d.nproc_per_node * d.nnodes,
-               "distributed_backend": d.backend or default_backend(device)}
-    return PPOTrainResult(metrics, res["applied_ids"], res["skipped_ids"], res["curves"],
-                          res["critic"], res["state"])
+    res, extra = launch("ppo", spec, base_dir=base_dir, out_dir=out_dir, progress=progress,
+                        ctx=ctx, device=device, threads=threads, env=env, inputs={
+                            "samples": [SampleRecord.of(s).to_json() for s in samples],
+                            "critic_dir": None if critic_dir is None else str(critic_dir),
+                            "store_dir": None if store_dir is None else str(store_dir)})
+    return PPOTrainResult({**res["metrics"], **extra}, res["applied_ids"], res["skipped_ids"],
+                          res["curves"], res["critic"], res["state"])
+
+
+def train_sft_distributed(spec, records: Sequence[Any], *, base_dir: str | Path,
+                          out_dir: str | Path, eval_records: Sequence[Any] = (), progress=None,
+                          ctx: "JobContext | None" = None, device: str = "cpu",
+                          threads: int | None = None, env: dict[str, str] | None = None):
+    """`sft.train_sft` on `spec.distributed.nproc_per_node` ranks: the same result (rank 0's
+    checkpoint — a LoRA job's adapter — in `out_dir`)."""
+    from rlhf_client.datafiles import SFTExample
+
+    from rlhf.trainer.sft import SFTTrainResult
+
+    res, extra = launch("sft", spec, base_dir=base_dir, out_dir=out_dir, progress=progress,
+                        ctx=ctx, device=device, threads=threads, env=env, inputs={
+                            "train": [asdict(SFTExample.of(r)) for r in records],
+                            "eval": [asdict(SFTExample.of(r)) for r in eval_records]})
+    return SFTTrainResult({**res["metrics"], **extra}, res["applied_ids"], res["eval_ids"],
+                          res["unapplied_ids"])
+
+
+def train_reward_model_distributed(base_dir: str | Path, train_pairs: Sequence[Any],
+                                   eval_pairs: Sequence[Any], spec, *, out_dir: str | Path,
+                                   device: str = "cpu", on_step=None,
+                                   ctx: "JobContext | None" = None, threads: int | None = None,
+                                   env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`reward_model.train_reward_model` on `spec.distributed.nproc_per_node` ranks: the same
+    metrics, rank 0's reward model (a LoRA job's adapter and score head) in `out_dir`.
+    `train_pairs` / `eval_pairs`: `data.Pair`s, as `train_reward_model` takes them."""
+    res, extra = launch("reward_model", spec, base_dir=base_dir, out_dir=out_dir,
+                        progress=on_step, ctx=ctx, device=device, threads=threads, env=env,
+                        inputs={"train": [asdict(p) for p in train_pairs],
+                                "eval": [asdict(p) for p in eval_pairs]})
+    return {**res["metrics"], **extra}

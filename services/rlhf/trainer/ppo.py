@@ -168,6 +168,20 @@ def split_stale(samples: Iterable[SampleRecord],
 # ------------------------------------------------------------------------------------------------
 
 
+def _backbone_state(policy) -> dict:
+    """The policy's transformer weights as a plain model names them. A LoRA job's policy is a
+    peft model: its layers hold `base_layer` plus the adapter's `lora_*` tensors; the critic
+    starts from the base weights (the adapter is zero at the start, and the critic trains in
+    full), so the adapter's tensors are dropped and `.base_layer.` names are unwrapped."""
+    from peft import PeftModel
+
+    if not isinstance(policy, PeftModel):
+        return policy.base_model.state_dict()
+    inner = policy.get_base_model().base_model
+    return {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items()
+            if "lora_" not in k}
+
+
 def _critic_from_policy(policy, pad_id: int):
     """A value model with the policy's backbone (a copy) and a zero-initialised one-output head."""
     import torch
@@ -178,7 +192,7 @@ def _critic_from_policy(policy, pad_id: int):
     cfg.pad_token_id = pad_id
     cfg.architectures = None
     value = AutoModelForSequenceClassification.from_config(cfg)
-    value.base_model.load_state_dict(policy.base_model.state_dict())
+    value.base_model.load_state_dict(_backbone_state(policy))
     with torch.no_grad():
         value.score.weight.zero_()
         if getattr(value.score, "bias", None) is not None:

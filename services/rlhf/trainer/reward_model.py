@@ -14,7 +14,10 @@ that is also the pad id counts). A sequence longer than `max_length` keeps its l
 `max_length` tokens (the reward is read at the end). A NaN or infinite loss, gradient norm or
 weight fails the job naming the step, before anything is published (`rlhf.trainer.finite`).
 The job's `dtype` and `gradient_checkpointing` apply as in every job (`rlhf.trainer.precision`);
-the loss is computed from the rewards in fp32 at least.
+the loss is computed from the rewards in fp32 at least. With `spec.distributed` the job trains
+on torchrun ranks (`distributed.train_reward_model_distributed`, docs/distributed.md): each rank
+runs `train_reward_model` on its shard of every micro-batch, the loss still the pair mean over
+the global step, and rank 0 saves the model with its head.
 """
 
 from __future__ import annotations
@@ -111,10 +114,22 @@ def accumulate_gradients(model, micro_batches: Sequence[Sequence[tuple[list[int]
 
     Each micro-batch's mean loss is weighted by its share of the pairs, so the gradients equal
     those of one pass over all of them. Returns that (loss, accuracy).
+
+    On a data-parallel rank (`distributed.current()`) the micro-batches are the global step's:
+    the rank trains on its shard of each, weighted by the shard's share of the step's pairs
+    (every rank holds the whole step), and the ranks' gradients and sums are summed: the same
+    pair mean, loss, accuracy and gradient as one process.
     """
+    from rlhf.trainer.distributed import current
+
+    group = current()
     total = sum(len(b) for b in micro_batches)
     loss_sum = acc_sum = 0.0
     for batch in micro_batches:
+        if group is not None:
+            batch = group.shard(batch)
+            if not batch:  # a short last micro-batch: nothing for this rank
+                continue
         with precision.autocast() if precision is not None else nullcontext():
             r = _rewards(model, [c for c, _ in batch] + [rj for _, rj in batch], pad_id,
                          device)  # (2B,) ≥ fp32
@@ -122,6 +137,10 @@ def accumulate_gradients(model, micro_batches: Sequence[Sequence[tuple[list[int]
         (loss * (len(batch) / total)).backward()
         loss_sum += float(loss.detach()) * len(batch)
         acc_sum += float(acc) * len(batch)
+    if group is not None:  # the global step's sums and gradient (the ranks' sums)
+        sums = group.sum_metrics({"loss": loss_sum, "accuracy": acc_sum}, ["loss", "accuracy"])
+        loss_sum, acc_sum = sums["loss"], sums["accuracy"]
+        group.sync_grads(model)
     return loss_sum / total, acc_sum / total
 
 
@@ -152,13 +171,14 @@ def train_reward_model(
     eval_pairs: Sequence[Pair],
     spec: RewardModelJob,
     *,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     device: str = "cpu",
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     check: Callable[[], None] | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train the reward model in `base_dir` on `train_pairs`; save it to `out_dir`; metrics.
+    """Train the reward model in `base_dir` on `train_pairs`; save it to `out_dir` (unless None:
+    a data-parallel rank other than 0); metrics.
 
     AdamW, micro-batches of `spec.batch_size` pairs, `spec.grad_accum_steps` micro-batches per
     optimizer step (each pair weighs the same in a step), gradient clipping to
@@ -237,10 +257,10 @@ def _train(base_dir, train_pairs, eval_pairs, spec, *, out_dir, device, on_step,
     check_finite_weights(model, step, total_steps)  # before anything is saved
     final = evaluate(model, eval_enc, pad_id, dev, precision=precision)
     model.eval()
-    out = Path(out_dir)
-    with quiet_progress_bars():
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    if out_dir is not None:
+        with quiet_progress_bars():
+            model.save_pretrained(Path(out_dir))
+            tokenizer.save_pretrained(Path(out_dir))
     metrics: dict[str, Any] = {
         "train_pairs": n,
         "eval_pairs": len(eval_enc),
@@ -271,9 +291,16 @@ def run_reward_model_job(spec: RewardModelJob, ctx: JobContext) -> JobResult:
     settings = ctx.settings
     on_step = step_reporter(ctx, JOB_TYPE)
     with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
-        metrics = train_reward_model(got.base.model_dir, got.train, got.evals, spec, out_dir=tmp,
-                                     device=settings.device, on_step=on_step, check=ctx.check,
-                                     threads=settings.torch_threads)
+        if spec.distributed is not None:  # torchrun ranks, this task their controller
+            from rlhf.trainer.distributed import train_reward_model_distributed
+
+            metrics = train_reward_model_distributed(
+                got.base.model_dir, got.train, got.evals, spec, out_dir=tmp,
+                device=settings.device, on_step=on_step, ctx=ctx, threads=settings.torch_threads)
+        else:
+            metrics = train_reward_model(got.base.model_dir, got.train, got.evals, spec,
+                                         out_dir=tmp, device=settings.device, on_step=on_step,
+                                         check=ctx.check, threads=settings.torch_threads)
         extra = version_extra(spec, got, job_type=JOB_TYPE,
                               applied_ids=unique_source_ids(got.train),
                               eval_ids=unique_source_ids(got.evals),

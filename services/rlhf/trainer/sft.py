@@ -39,11 +39,14 @@ The optimizer (AdamW, decay on matrices only), the learning-rate schedule and th
 are DPO's (`precision.make_optimizer`, `dpo._lr_factor`, `rlhf.trainer.finite`), and so are the
 model's precision and gradient checkpointing (`rlhf.trainer.precision`); log-probs come from
 `logprobs.completion_logprobs` (packed, prompt computed once per group of completions).
+
+With `spec.distributed` the job trains on torchrun ranks (`distributed.train_sft_distributed`,
+docs/distributed.md): each rank runs `train_sft` on its shard of every micro-batch, the loss
+still the token mean over the global step, and rank 0 saves.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -218,16 +221,29 @@ def train_step(model, optimizer, micro_batches: Sequence[Sequence[TokenizedExamp
     """One optimizer step: the token-mean NLL over every completion token of the micro-batches
     (each micro-batch's sum divided by the step's token count, so accumulation changes nothing),
     clipping, AdamW; forward passes under `precision.autocast()`. Raises
-    `finite.TrainingDiverged` before the update on a non-finite loss or gradient norm."""
+    `finite.TrainingDiverged` before the update on a non-finite loss or gradient norm.
+
+    On a data-parallel rank (`distributed.current()`) each micro-batch is the global one: the
+    rank trains on its shard, still dividing by the global step's token count (every rank holds
+    the whole step), and the ranks' gradients and loss sums are summed before the update."""
+    from rlhf.trainer.distributed import current
     from rlhf.trainer.finite import check_finite, grad_norm
 
+    group = current()
     n_tokens = sum(len(e.completion_ids) for b in micro_batches for e in b)
     loss_sum = 0.0
     for batch in micro_batches:
+        if group is not None:
+            batch = group.shard(batch)
+            if not batch:
+                continue
         with precision.autocast() if precision is not None else nullcontext():
             nll, _ = batch_nll(model, batch, pad_id=pad_id)
         (nll / n_tokens).float().backward()
         loss_sum += float(nll.detach())
+    if group is not None:  # the global step's loss and gradient (the ranks' sums)
+        loss_sum = group.sum_metrics({"loss": loss_sum}, ["loss"])["loss"]
+        group.sync_grads(model)
     out = {"loss": loss_sum / n_tokens, "tokens": float(n_tokens)}
     norm = grad_norm(model.parameters(), max_grad_norm)
     if max_grad_norm is not None:
@@ -398,9 +414,17 @@ def run_sft_job(spec: SFTJob, ctx: "JobContext") -> "JobResult":
     settings = ctx.settings
     on_step = step_reporter(ctx, JOB_TYPE)
     with tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
-        result = train_sft(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
-                           eval_records=got.evals, progress=on_step, check=ctx.check,
-                           device=settings.device, threads=settings.torch_threads)
+        if spec.distributed is not None:  # torchrun ranks, this task their controller
+            from rlhf.trainer.distributed import train_sft_distributed
+
+            result = train_sft_distributed(spec, got.train, base_dir=got.base.model_dir,
+                                           out_dir=tmp, eval_records=got.evals, progress=on_step,
+                                           ctx=ctx, device=settings.device,
+                                           threads=settings.torch_threads)
+        else:
+            result = train_sft(spec, got.train, base_dir=got.base.model_dir, out_dir=tmp,
+                               eval_records=got.evals, progress=on_step, check=ctx.check,
+                               device=settings.device, threads=settings.torch_threads)
         ctx.check()
         unapplied = set(result.unapplied_ids)
         extra = version_extra(
