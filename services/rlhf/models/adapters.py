@@ -1,6 +1,6 @@
 """LoRA adapters in the model store: a version that holds only an adapter and names its base.
 
-Format (followed by the trainer, which writes adapters, and the policy services, which serve them):
+Format (followed by the trainer, which writes adapters, and the services, which serve them):
 
 - An adapter version is a version of the SAME model name as its base, with manifest
   `kind = "adapter"` and `extra["base"] = {"name", "version", "files": {rel_path: sha256}}` (the
@@ -12,6 +12,10 @@ Format (followed by the trainer, which writes adapters, and the policy services,
 - Its golden probes (`manifest.probes`) are those of base + adapter, computed as for a full
   version (fp32, CPU, fresh load): `kind` "policy" for a causal-LM adapter, "reward" for a
   sequence-classification one.
+
+Serving: the policy services keep base and adapters apart (`rlhf.policy.engines.lora`); the
+reward and reference services load an adapter version merged (`load_for_serving`: the verified
+base + the adapter, `merge_and_unload`, one plain model), the base read again on each swap.
 
 A job that names an adapter version as its starting point is refused at start
 (`refuse_adapter_base`): merge it first (`rlhf models merge`, which writes a full version) and
@@ -26,9 +30,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from rlhf.models.info import ModelRef
 from rlhf.models.loading import REFUSED_SUFFIXES, CheckpointNotFound, UnsafeCheckpoint
 
 if TYPE_CHECKING:
@@ -39,7 +45,10 @@ __all__ = [
     "ADAPTER_KIND",
     "ADAPTER_WEIGHTS",
     "AdapterBaseMismatch",
+    "AdapterVersion",
+    "ServingModel",
     "adapter_base",
+    "adapter_version",
     "base_weight_files",
     "check_safe_adapter_dir",
     "is_adapter",
@@ -47,6 +56,7 @@ __all__ = [
     "lora_config",
     "lora_record",
     "load_adapter_model",
+    "load_for_serving",
     "merge_to_dir",
     "publish_adapter",
     "refuse_adapter_base",
@@ -178,26 +188,119 @@ def refuse_adapter_base(store: "ModelStore", name: str, version: str) -> None:
             f"from its base {base.get('version')}")
 
 
+@dataclass(frozen=True)
+class AdapterVersion:
+    """An adapter version to serve: where it is, its verified base, its LoRA rank."""
+
+    adapter_dir: Path
+    base_dir: Path
+    base: ModelRef
+    rank: int
+
+
+def adapter_version(model_dir: str | Path) -> AdapterVersion | None:
+    """None for a full version (or a pinned directory); for an adapter version of the store
+    (`<store>/<name>/<version>/`), its base, verified: `UnsafeCheckpoint` (a subclass) when the
+    base is missing or its weights are not those the adapter was trained on."""
+    from rlhf.models.store import Manifest, ModelStore
+
+    d = Path(model_dir)
+    if not (d / "manifest.json").is_file():
+        return None
+    try:
+        manifest = Manifest.read(d)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UnsafeCheckpoint(f"{d}: unreadable manifest: {exc}") from exc
+    if not is_adapter(manifest):
+        return None
+    base = (manifest.extra or {}).get("base") or {}
+    base_dir = Path(adapter_base(ModelStore(d.parent.parent), manifest))
+    try:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        rank = int(cfg["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnsafeCheckpoint(f"{d}: no usable {ADAPTER_CONFIG} (LoRA rank 'r'): {exc}") from exc
+    base_ref = ModelRef(str(base.get("name", manifest.name)), str(base.get("version")))
+    return AdapterVersion(d, base_dir, base_ref, rank)
+
+
 # --- loading and merging -------------------------------------------------------------------
 
 
 def load_adapter_model(base_model, adapter_dir: str | Path, adapter_name: str = "default", *,
-                       is_trainable: bool = False):
+                       is_trainable: bool = False, strict: bool = False):
     """`base_model` (a transformers model, or a `PeftModel` to add one more adapter to) with the
     adapter of `adapter_dir` loaded as `adapter_name` and active; safetensors only. Returns the
-    `PeftModel` (eval mode unless `is_trainable`)."""
+    `PeftModel` (eval mode unless `is_trainable`). `strict`: an adapter whose tensors do not
+    match the model's LoRA layers (keys missing or unexpected) raises instead of a warning."""
     from peft import PeftModel
 
     check_safe_adapter_dir(adapter_dir)
+    more = {"strict_adapter_check": "error"} if strict else {}
     if isinstance(base_model, PeftModel):
         base_model.load_adapter(str(adapter_dir), adapter_name=adapter_name,
-                                is_trainable=is_trainable, use_safetensors=True)
+                                is_trainable=is_trainable, use_safetensors=True, **more)
         base_model.set_adapter(adapter_name)
         model = base_model
     else:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
-                                          is_trainable=is_trainable, use_safetensors=True)
+                                          is_trainable=is_trainable, use_safetensors=True, **more)
     return model if is_trainable else model.eval()
+
+
+#: The peft task types an adapter may have to be served as each kind of model
+#: (`publish_adapter` treats an adapter without one as a causal-LM adapter too).
+SERVING_TASK_TYPES: dict[str, tuple[str | None, ...]] = {
+    "reward": ("SEQ_CLS",),
+    "causal": ("CAUSAL_LM", None),
+}
+
+
+class ServingModel(NamedTuple):
+    """What `load_for_serving` returns: one plain transformers model (eval mode, no grad) and,
+    for an adapter version, the base version it was merged onto (None for a full version)."""
+
+    model: Any
+    base: ModelRef | None
+
+
+def load_for_serving(model_dir: str | Path, kind: str, *, dtype: str = "float32",
+                     device: str = "cpu") -> ServingModel:
+    """The model a reward (`kind` "reward") or reference (`kind` "causal") service serves for
+    `model_dir`: a full version through the ordinary loader (`load_reward_model` /
+    `load_causal_lm`); an adapter version of the store on its verified base (`adapter_version`:
+    a missing base, or one whose weights are not those the adapter was trained on, raises
+    `UnsafeCheckpoint`), the base loaded with the same `dtype` and `device`, the adapter
+    (safetensors only, every tensor matching the base's layers) merged into it
+    (`merge_and_unload`): one plain model, as fast as the base. An adapter whose peft
+    `task_type` does not fit `kind` (a CAUSAL_LM adapter on the reward service, a SEQ_CLS one
+    on the reference service) raises `UnsafeCheckpoint` naming it, before the base is read."""
+    import torch
+
+    from rlhf.models.loading import load_causal_lm, load_reward_model
+
+    if kind not in SERVING_TASK_TYPES:
+        raise ValueError(f"load_for_serving: kind must be one of {sorted(SERVING_TASK_TYPES)}, "
+                         f"not {kind!r}")
+    load = load_reward_model if kind == "reward" else load_causal_lm
+    adapter = adapter_version(model_dir)
+    if adapter is None:
+        model, base = load(model_dir, dtype=dtype, device=device), None
+    else:
+        task = lora_config(adapter.adapter_dir).get("task_type")
+        if task not in SERVING_TASK_TYPES[kind]:
+            wanted = " or ".join(str(t) for t in SERVING_TASK_TYPES[kind] if t is not None)
+            raise UnsafeCheckpoint(
+                f"{adapter.adapter_dir}: a LoRA adapter of peft task_type {task!r} cannot be "
+                f"served as a {kind} model (it needs task_type {wanted})")
+        with torch.no_grad():
+            peft_model = load_adapter_model(load(adapter.base_dir, dtype=dtype, device=device),
+                                            adapter.adapter_dir, strict=True)
+            model = peft_model.merge_and_unload()
+        base = adapter.base
+    model.eval()
+    model.requires_grad_(False)
+    return ServingModel(model, base)
 
 
 def _load_base(base_dir: str | Path, task_type: str | None, *, dtype: str = "float32",

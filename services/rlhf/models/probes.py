@@ -107,6 +107,26 @@ ProbeRunner = Callable[..., Awaitable[Any]]
 TIE = {"float32": 1e-5}
 
 
+def forced_top(model, device, prompts, completions) -> list[list[tuple[float, float]]]:
+    """(log-prob, best log-prob) of each completion token after prompt + the completion before
+    it (fp32 log-softmax): one teacher-forced forward per sequence — what `PolicyProbeRunner`'s
+    `forced` returns on a transformers model (the policy's hf engine, the reference service)."""
+    import torch
+
+    out: list[list[tuple[float, float]]] = []
+    with torch.inference_mode():
+        for prompt, completion in zip(prompts, completions):
+            if not prompt or not completion:
+                out.append([])
+                continue
+            ids = torch.tensor([list(prompt) + list(completion)], device=device)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            lps = torch.log_softmax(logits, dim=-1)
+            got = lps.gather(-1, ids[0, len(prompt) :, None])[:, 0]
+            out.append(list(zip(got.tolist(), lps.max(dim=-1).values.tolist())))
+    return out
+
+
 class PolicyProbeRunner:
     """A policy probe runner that can also verify in ONE teacher-forced pass.
 

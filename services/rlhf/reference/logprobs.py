@@ -25,12 +25,19 @@ computed (`logits_to_keep`), and a batch whose logits would exceed `_LOGITS_BUDG
 as row chunks.
 
 Versions: a request is pinned at admission to the model serving then; a batch holds one model
-only; `load_version` loads beside, warms up, lets the swapper replay the version's golden probes,
-and swaps by one assignment on the loop.
+only; `load_version` loads beside, warms up, lets the swapper replay the version's golden probes
+(a reference version's log-probs, or a policy version's greedy ids checked in one teacher-forced
+pass), and swaps by one assignment on the loop.
+
+LoRA: an adapter version of the store (a policy adapter, peft task_type CAUSAL_LM) is served
+merged onto its verified base (`rlhf.models.adapters.load_for_serving`): one plain model, so a
+reference service follows an adapter policy; GetModel names the base. The base is read again on
+each swap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -100,11 +107,13 @@ class _Item:
 
 
 def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
-    from rlhf.models.loading import load_causal_lm, max_context
+    """A full version, or an adapter version (LoRA, CAUSAL_LM) merged onto its verified base
+    (`load_for_serving`)."""
+    from rlhf.models.adapters import load_for_serving
+    from rlhf.models.loading import max_context
 
-    model = load_causal_lm(model_dir, dtype=settings.dtype, device=settings.device)
-    model.eval()
-    model.requires_grad_(False)
+    model, base = load_for_serving(model_dir, "causal", dtype=settings.dtype,
+                                   device=settings.device)
     cfg = model.config
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
     if isinstance(pad, (list, tuple)):
@@ -115,6 +124,7 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
         kind="reference",
         max_context=int(max_context(cfg)),
         vocab_size=int(cfg.vocab_size),
+        base=base,
     )
     device = next(model.parameters()).device
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -209,6 +219,30 @@ def _results(items: list[_Item], values: list[float], totals: list[float]) -> li
     return results
 
 
+class _ProbeRunner:
+    """The golden probes' runner on a candidate (loaded, not serving yet).
+
+    `await run(items)` -> the log-probs of each (prompt, completion): a reference version's
+    probes. A policy version's probes (a reference service following a policy model: its full
+    and adapter versions carry policy probes) are checked with `forced` (see
+    `rlhf.models.probes.PolicyProbeRunner`): each golden greedy token is the argmax of a
+    teacher-forced pass, within the fp32 tie, and its log-prob the recorded one — a causal LM
+    without a generation loop proves the same weights that way."""
+
+    def __init__(self, loaded: _Loaded):
+        self.loaded = loaded
+
+    async def __call__(self, items) -> list[list[float]]:
+        batch = [_Item(self.loaded, len(p), tuple(p) + tuple(c)) for p, c in items]
+        return [x.logprobs for x in await run_candidate(logprobs_batch, batch)]
+
+    async def forced(self, prompts, completions) -> list[list[tuple[float, float]]]:
+        from rlhf.models.probes import forced_top
+
+        return await asyncio.to_thread(forced_top, self.loaded.model, self.loaded.device,
+                                       prompts, completions)
+
+
 # ------------------------------------------------------------------------------------------------
 # The service object
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +253,8 @@ class ReferenceModel(BatchedModel):
 
     Public API: `info`, `start()`, `logprobs(items)`, `load_version(dir, ref, check)`, `health()`,
     `close()`, and `batcher` (for metrics and tests). The probe runner `check` gets is
-    `await logprobs([[prompt_ids, completion_ids], ...]) -> [[logprob]]` on the new weights.
+    `await logprobs([[prompt_ids, completion_ids], ...]) -> [[logprob]]` on the new weights (with
+    `forced` for a policy version's probes: `_ProbeRunner`).
     """
 
     label = SERVICE_LABEL
@@ -227,12 +262,8 @@ class ReferenceModel(BatchedModel):
     def __init__(self, settings: Settings, model_dir, ref: ModelRef):
         super().__init__(settings, model_dir, ref, logprobs_batch)
 
-    def _candidate(self, loaded: _Loaded):
-        async def run(items) -> list[list[float]]:
-            batch = [_Item(loaded, len(p), tuple(p) + tuple(c)) for p, c in items]
-            return [x.logprobs for x in await run_candidate(logprobs_batch, batch)]
-
-        return run
+    def _candidate(self, loaded: _Loaded) -> "_ProbeRunner":
+        return _ProbeRunner(loaded)
 
     async def logprobs(
         self, items: Sequence[LogProbsItemInput]

@@ -20,6 +20,10 @@ Rewards equal the per-item path's within float rounding (1e-5 in fp32, tested). 
 prompt twice, a model without a plain linear `score` head, or one the shared-prefix forward is
 not exact for (`shared_prefix.usable`) takes the right-padded path.
 
+LoRA: an adapter version of the store (a reward-model LoRA job's, peft task_type SEQ_CLS) is
+served merged onto its verified base (`rlhf.models.adapters.load_for_serving`): one plain
+model; GetModel names the base. The base is read again on each swap.
+
 Versions: each request is pinned when it is admitted to the model serving then; a batch holds
 one model only (the batcher's key), so both rewards of a `compare` always come from one version.
 `load_version` loads beside the serving model in another thread, warms it up, lets the swapper
@@ -133,11 +137,14 @@ class _Item:
 
 
 def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
-    from rlhf.models.loading import load_reward_model, load_tokenizer, max_context
+    """A full version, or an adapter version (LoRA, SEQ_CLS) merged onto its verified base
+    (`load_for_serving`); the tokenizer is the version's own (an adapter version holds copies of
+    its base's tokenizer files, checksummed with it)."""
+    from rlhf.models.adapters import load_for_serving
+    from rlhf.models.loading import load_tokenizer, max_context
 
-    model = load_reward_model(model_dir, dtype=settings.dtype, device=settings.device)
-    model.eval()
-    model.requires_grad_(False)
+    model, base = load_for_serving(model_dir, "reward", dtype=settings.dtype,
+                                   device=settings.device)
     tokenizer = load_tokenizer(model_dir)
     pad = model.config.pad_token_id  # load_reward_model guarantees one
     info = ModelInfo(
@@ -146,6 +153,7 @@ def _load(model_dir: Path, ref: ModelRef, settings: Settings) -> _Loaded:
         kind="reward",
         max_context=int(max_context(model.config)),
         vocab_size=int(model.config.vocab_size),
+        base=base,
     )
     device = next(model.parameters()).device
     return _Loaded(ref, model, tokenizer, info, int(pad), device,

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
+from rlhf.models.loading import UnsafeCheckpoint
 from rlhf.serving.batcher import BatchLimits, MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class BatchedModel:
         async with self._swap_lock:
             try:
                 loaded = await asyncio.to_thread(self._load_and_warm, Path(model_dir), ref)
+            except UnsafeCheckpoint:  # refused (the swapper says so), not a failed load
+                raise
             except Exception as exc:
                 log.warning("loading %s/%s failed: %s", ref.name, ref.version, exc)
                 raise FailedPrecondition(f"loading {ref.name} version {ref.version} failed: {exc}") from exc

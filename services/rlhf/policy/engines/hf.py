@@ -955,20 +955,10 @@ def _greedy(loaded: _Loaded, prompts, max_new_tokens: int) -> list[tuple[list[in
 
 
 def _forced(loaded: _Loaded, prompts, completions) -> list[list[tuple[float, float]]]:
-    """(log-prob, best log-prob) of each completion token after prompt + the completion before
-    it: one teacher-forced forward per sequence (the golden probes' one-pass proof)."""
-    out: list[list[tuple[float, float]]] = []
-    with torch.inference_mode():
-        for prompt, completion in zip(prompts, completions):
-            if not completion:
-                out.append([])
-                continue
-            ids = torch.tensor([list(prompt) + list(completion)], device=loaded.device)
-            logits = loaded.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-            lps = torch.log_softmax(logits, dim=-1)
-            got = lps.gather(-1, ids[0, len(prompt):, None])[:, 0]
-            out.append(list(zip(got.tolist(), lps.max(dim=-1).values.tolist())))
-    return out
+    """The golden probes' one-pass proof on `loaded` (`rlhf.models.probes.forced_top`)."""
+    from rlhf.models.probes import forced_top
+
+    return forced_top(loaded.model, loaded.device, prompts, completions)
 
 
 def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ served model name whose directory holds peft's `adapter_config.json` + `adapter_
 and names its base version (`extra["base"]`, with the sha256 of the base's weight files). The
 engines serve it on top of that base:
 
-- `adapter_version(model_dir)`: None for a full version; for an adapter, its base directory
+- `adapter_version(model_dir)` (from `rlhf.models.adapters`, re-exported here): None for a full
+  version; for an adapter, its base directory
   (resolved and checked by `rlhf.models.adapters.adapter_base`: a missing base or one whose
   weights differ from the checksums the adapter names raises `UnsafeCheckpoint`, so the swapper
   refuses the version) and its LoRA rank.
@@ -23,51 +24,12 @@ engines serve it on top of that base:
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.models.adapters import ADAPTER_CONFIG, adapter_base, is_adapter
-from rlhf.models.info import ModelRef
-from rlhf.models.loading import UnsafeCheckpoint
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """An adapter version to serve: where it is, its verified base, its LoRA rank."""
-
-    adapter_dir: Path
-    base_dir: Path
-    base: ModelRef
-    rank: int
-
-
-def adapter_version(model_dir: str | Path) -> AdapterVersion | None:
-    """None for a full version (or a pinned directory); for an adapter version of the store
-    (`<store>/<name>/<version>/`), its base, verified: `UnsafeCheckpoint` (a subclass) when the
-    base is missing or its weights are not those the adapter was trained on."""
-    from rlhf.models.store import Manifest, ModelStore
-
-    d = Path(model_dir)
-    if not (d / "manifest.json").is_file():
-        return None
-    try:
-        manifest = Manifest.read(d)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UnsafeCheckpoint(f"{d}: unreadable manifest: {exc}") from exc
-    if not is_adapter(manifest):
-        return None
-    base = (manifest.extra or {}).get("base") or {}
-    base_dir = Path(adapter_base(ModelStore(d.parent.parent), manifest))
-    try:
-        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
-        rank = int(cfg["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UnsafeCheckpoint(f"{d}: no usable {ADAPTER_CONFIG} (LoRA rank 'r'): {exc}") from exc
-    base_ref = ModelRef(str(base.get("name", manifest.name)), str(base.get("version")))
-    return AdapterVersion(d, base_dir, base_ref, rank)
+# `adapter_version` lives with the adapter format (the reward and reference services use it too)
+from rlhf.models.adapters import AdapterVersion, adapter_version  # noqa: F401 - re-exported
 
 
 def same_dir(a: Path | None, b: Path | None) -> bool:
