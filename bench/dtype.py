@@ -8,7 +8,7 @@ for that dtype, measured in the same run.
 For each dtype, in this process, one after the other:
   decode   the policy loaded through the services' loading path (`load_causal_lm` with the
            dtype `RLHF_DTYPE` would give it), `--batch` rows of `--prompt-tokens` prompt
-           tokens prefilled, then one token per row per step with a `DynamicCache` — the same
+           tokens prefilled, then one token per row per step with the engine's KV cache (`--cache`) — the same
            forward the hf engine runs (`attention_mask`, `position_ids` from the mask,
            `logits_to_keep=1`, logits upcast to fp32, log-softmax, argmax). Only the steps are
            timed; a dtype stops after `--steps` steps or `--seconds`, whichever comes first
@@ -129,9 +129,11 @@ def decode_flops_per_token(model, context: float) -> float:
 class Decoder:
     """The hf engine's decode step on a left-padded batch (same model call, same fp32 tail)."""
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int):
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, cache: str = "engine"):
         import torch
         from transformers.cache_utils import DynamicCache
+
+        from rlhf.policy.engines.kv_cache import new_cache
 
         self.torch = torch
         self.model = model
@@ -141,7 +143,8 @@ class Decoder:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             self.attn[i, width - len(p):] = 1
-        self.cache = DynamicCache(config=model.config)
+        # the engine's cache (appends in place) or transformers' own (concatenates every step)
+        self.cache = new_cache(model.config) if cache == "engine" else DynamicCache(config=model.config)
         positions = (self.attn.cumsum(-1) - 1).clamp_(min=0)
         self.next = self._pick(self._forward(ids, positions))
 
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads (decode and matmul alike; 1: see the docs)")
     ap.add_argument("--matmul", type=int, default=2048, help="side of the square matmul")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cache", default="engine", choices=["engine", "dynamic"],
+                    help="KV cache: the hf engine's (rlhf.policy.engines.kv_cache, appends in "
+                    "place) or transformers' DynamicCache (concatenates the cache every step)")
     args = ap.parse_args(argv)
 
     import torch
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_tokens)]
                        for _ in range(args.batch)]
             with torch.inference_mode():
-                dec = Decoder(model, prompts, pad_id=0)
+                dec = Decoder(model, prompts, pad_id=0, cache=args.cache)
                 dec.step()  # warm-up step
                 ctx0 = dec.context
                 steps, t0 = 0, time.perf_counter()

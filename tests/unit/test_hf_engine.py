@@ -149,6 +149,7 @@ async def test_protocol_and_info(engine):
 
 async def test_greedy_batched_equals_naive_loop(engine, reference_models, prompt_ids):
     model = reference_models[V1]
+    await wait_until(engine.idle)
     before = engine.stats()
     got = await collect(engine, specs_for(prompt_ids), GREEDY)
     assert engine.stats()["batches"] == before["batches"] + 1  # one batch, mixed prompt lengths
@@ -180,6 +181,7 @@ async def test_finished_rows_leave_the_batch_and_the_rest_stay_exact(
     """The longest prompt finishes first (its padding columns are then cut from the cache);
     greedy rows share the batch with a sampled row of another config."""
     model = reference_models[V1]
+    await wait_until(engine.idle)  # else the last test's batch may take these rows as joiners
     before = engine.stats()
     lengths = [3, 14, 14, 20]  # prompt_ids[2], the longest prompt, ends before prompt_ids[3]
     calls = [
@@ -492,6 +494,7 @@ async def test_finished_rows_are_evicted_at_their_last_step(engine, prompt_ids):
     is dropped from the batch at once, never carried to the longest member's end), and the
     engine counts one running row once the short ones are done."""
     lengths = [2, 5, 9, 300]
+    await wait_until(engine.idle)  # else the last test's batch may take these rows as joiners
     before = engine.stats()
     calls = [
         asyncio.ensure_future(collect(engine, specs_for([p]), SamplingConfig(

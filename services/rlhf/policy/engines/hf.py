@@ -7,7 +7,8 @@ Shape of the engine:
 - A background task (event loop) collects waiting samples into a batch: until `batch_max_size`
   sequences, `batch_max_tokens` padded tokens, or `batch_max_wait_ms` after the oldest arrived.
 - One worker thread runs each batch with torch: a left-padded prefill, then one token per step
-  for every row, with a `DynamicCache`. Finished and cancelled rows are dropped from the batch
+  for every row, with a `DynamicCache` whose layers append in place (`kv_cache.GrowingLayer`:
+  no per-step copy of the whole cache). Finished and cancelled rows are dropped from the batch
   at the step they end (rows of the cache and the mask), so short samples stop costing compute,
   and columns that became padding in every row (the longest prompt left) are cut. Samples that
   arrive meanwhile join the running batch: prefilled beside it, at most `batch_prefill_chunk`
@@ -49,13 +50,13 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rlhf.config import Settings
 from rlhf.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rlhf.models.info import ModelInfo, ModelRef
 from rlhf.models.loading import UnsafeCheckpoint
 from rlhf.models.probes import PolicyProbeRunner
+from rlhf.policy.engines.kv_cache import new_cache, plain_layers
 from rlhf.policy.types import Finish, SampleDelta, SampleSpec, SamplingConfig
 from rlhf.serving.swap import swap_phase
 
@@ -431,7 +432,7 @@ class _Batch:
     def __init__(self, loaded: _Loaded, rows: list[_Row]):
         self.loaded = loaded
         self.rows = rows
-        self.cache = DynamicCache(config=loaded.model.config)
+        self.cache = new_cache(loaded.model.config)  # appends in place (kv_cache.GrowingLayer)
         self.attn: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
         self._prompt: tuple[torch.Tensor, ...] | None = None  # ids, mask, positions while prefilling
         self._done = 0  # prompt columns prefilled so far
@@ -500,13 +501,13 @@ class _Batch:
         self.rows = self.rows + other.rows
 
     def mergeable(self) -> bool:
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return plain_layers(self.cache)
 
     def _trim_left_padding(self) -> None:
         """Cut the columns that are padding in every remaining row (e.g. after the longest prompt
         finished). Safe because positions come from the mask, not from the cache length."""
         lead = int(self.attn.any(dim=0).to(torch.int8).argmax())  # first column with a real token
-        if lead == 0 or not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+        if lead == 0 or not plain_layers(self.cache):
             return  # sliding-window / other layer kinds: keep their own bookkeeping intact
         for layer in self.cache.layers:
             if layer.is_initialized:
@@ -554,6 +555,7 @@ class HFEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._swap_lock: asyncio.Lock | None = None
         self._running_rows = 0  # written by the worker thread
+        self._in_batch = False  # a batch is running (loop thread: set before, cleared after)
         self._batches = 0  # batches run, sequences in them, tokens computed (stats)
         self._sequences = 0
         self._tokens = 0  # written by the worker thread
@@ -580,6 +582,11 @@ class HFEngine:
     def active_sequences(self) -> int:
         """Samples the engine still spends work on: rows in the running batch + samples waiting."""
         return self._running_rows + len(self._waiting)
+
+    def idle(self) -> bool:
+        """No batch is running (its worker may still take joiners after its last row ended: a
+        request sent then joins it rather than start a batch) and no sample waits."""
+        return not self._in_batch and not self._waiting
 
     def stats(self) -> dict[str, int]:
         """Counters since start: batches run, sequences they held, tokens computed (one per
@@ -748,6 +755,7 @@ class HFEngine:
             self._running_rows = len(batch)  # counted from now, not from when the worker starts
             self._batches += 1
             self._sequences += len(batch)
+            self._in_batch = True
             try:
                 await self._loop.run_in_executor(self._executor, self._run_batch, loaded, batch)
             except asyncio.CancelledError:
@@ -756,6 +764,8 @@ class HFEngine:
                 log.exception("hf batch failed")
                 for request in {s.request for s in batch}:
                     request.put(exc)
+            finally:
+                self._in_batch = False
 
     async def _next_batch(self) -> list[_Seq]:
         """Wait for work, then for company (until full or the oldest waited max_wait); take it."""
