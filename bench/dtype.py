@@ -3,7 +3,8 @@ for that dtype, measured in the same run.
 
     python bench/dtype.py [--size small] [--dtypes float32,bfloat16] [--batch 64]
                           [--prompt-tokens 24] [--steps 32] [--seconds 20] [--threads 2]
-                          [--matmul 2048] [--profile]
+                          [--matmul 2048] [--profile] [--cache engine|dynamic]
+                          [--model-dir DIR]
 
 For each dtype, in this process, one after the other:
   decode   the policy loaded through the services' loading path (`load_causal_lm` with the
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads (decode and matmul alike; 1: see the docs)")
     ap.add_argument("--matmul", type=int, default=2048, help="side of the square matmul")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a causal LM checkpoint directory (Hugging Face layout, safetensors) to "
+                    "measure instead of the tiny `--size` model")
     ap.add_argument("--cache", default="engine", choices=["engine", "dynamic"],
                     help="KV cache: the hf engine's (rlhf.policy.engines.kv_cache, appends in "
                     "place) or transformers' DynamicCache (concatenates the cache every step)")
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
           f"native bf16 matmul: {cpu_has_fast_bf16()}; load average {os.getloadavg()[0]:.2f}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dtype-") as tmp:
-        model_dir = make_tiny_model("policy", Path(tmp) / "policy", size=args.size, seed=0)
+        model_dir = args.model_dir or make_tiny_model("policy", Path(tmp) / "policy",
+                                                      size=args.size, seed=0)
         for name in dtypes:
             model = load_causal_lm(model_dir, dtype=resolve_dtype(name, "cpu")).requires_grad_(False)
             cfg = model.config
