@@ -5,7 +5,8 @@
 #   2. in-place hot-swaps (tied and untied) through the service's swapper, golden probes on every
 #      swap, the last version's greedy output against a fresh engine        (bench/gpu_parity.py)
 #   3. the generation (mixed lengths, vLLM service vs static batch), scoring (DPO-shaped traffic)
-#      and DPO-step benches, and the hot-swap bench under load, all with small settings.
+#      and DPO-step benches, and the hot-swap bench under load, all with small settings;
+#   4. the training-memory rows of issue 20 (full fp32 vs bf16-mixed vs LoRA DPO, peak GPU memory).
 # Every figure lands in $OUT (default ./gpu-check-out): one log per step, parity.json, summary.txt.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh            # from the repository root
@@ -81,6 +82,10 @@ step bench-generation 150 "$PY" bench/generation.py --size small --workload mixe
   --requests 64 --reps 1
 step bench-scoring-dpo 90 "$PY" bench/scoring.py --workload dpo --size small --seconds 4 --warmup 1
 step bench-dpo 90 "$PY" bench/dpo.py --size small --steps 6 --warmup 2
+# issue 20's rows on the GPU: peak memory (torch.cuda.max_memory_allocated) of full fp32,
+# bf16-mixed and LoRA DPO steps on the small policy, and the same at 2112 tokens a step
+step bench-train-memory 120 "$PY" bench/train_memory.py --device cuda --timeout 60 \
+  --configs float32,bf16-mixed,bfloat16,lora,float32@long,bf16-mixed@long,lora@long
 
 [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null
 note "total $(( $(date +%s) - START ))s; failed steps: $FAILED"
