@@ -564,21 +564,41 @@ def test_load_version_refuses_weights_that_fail_their_probes(vllm, engine, store
 def test_load_version_in_place_then_eos(vllm_server, vllm, engine, store, model_dir):
     from rlhf.models.loading import load_causal_lm
 
+    from rlhf.policy.types import SampleSpec, SamplingConfig
+
     before = vllm.get_model()
     assert engine.inplace_reload is None  # auto: in place for an untied checkpoint
     in_flight = SamplingParams(temperature=1.0, min_new_tokens=300, max_new_tokens=300, seed=2)
     on_v1 = vllm.generate(PROMPTS[:2], in_flight)
+    held_v1 = vllm.generate(PROMPTS[1:2], GREEDY).completions[0].token_ids
+
+    # a caller that reads one delta of its call and then stops reading (a stalled stream):
+    # its sample finishes in the engine, and the swap must not wait for the reader
+    async def open_held():
+        spec = SampleSpec(0, 0, tuple(engine.tokenizer.encode(PROMPTS[1], add_special_tokens=False)), None)
+        gen = engine.generate([spec], SamplingConfig(max_new_tokens=GREEDY.max_new_tokens, temperature=0.0))
+        return gen, await gen.__anext__()
+
+    async def read_rest(gen):
+        return [d async for d in gen]
+
+    def on_server(coro):
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, vllm_server.loop))
 
     async def swap_under_load():
         async with AsyncPolicyClient(vllm_server.target, admin_token=ADMIN_TOKEN) as c:
+            held, first = await on_server(open_held())
             running = asyncio.ensure_future(c.generate(PROMPTS[:2], in_flight))
             while engine.num_unfinished() < 2:  # both samples running
                 await asyncio.sleep(0.01)
-            swap = await c.load_version(store.eos)
-            assert running.done()  # the swap waited for it
-            return await running, swap
+            swap = await asyncio.wait_for(c.load_version(store.eos), 120)
+            assert running.done()  # the swap waited for it ...
+            rest = await on_server(read_rest(held))  # ... and not for the stalled reader
+            return await running, swap, [first, *rest]
 
-    running, swap = asyncio.run(swap_under_load())
+    running, swap, held = asyncio.run(swap_under_load())
+    assert {d.ref.version for d in held} == {before.model.version}  # computed on v1, whole
+    assert [t for d in held for t in d.token_ids] == list(held_v1)
     assert swap.previous == before.model and swap.model.version == store.eos
     assert vllm.get_model().model == swap.model
     assert len(engine._engines) == 1 and engine.llm is not None  # in place: the same engine

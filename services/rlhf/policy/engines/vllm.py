@@ -779,7 +779,11 @@ class VLLMEngine:
             except (ValueError, OSError) as exc:
                 raise FailedPrecondition(f"version {ref.version}: its tokenizer: {exc}") from exc
             with swap_phase("drain"):
-                while current.calls:  # ... while the calls in flight finish on the old weights
+                # ... while the samples in flight finish on the old weights. Only the vLLM
+                # requests are waited for, not their consumers: a call whose every sample is
+                # done holds its deltas in its own queue, so a client that reads slowly (or has
+                # stopped reading a stream) cannot hold the gate closed for everyone else.
+                while self._sampling_on(current):
                     await asyncio.sleep(0.002)
             try:
                 with swap_phase("load"):
@@ -872,6 +876,12 @@ class VLLMEngine:
             out[d.prompt_index][0].extend(d.token_ids)
             out[d.prompt_index][1].extend(d.logprobs)
         return out
+
+    def _sampling_on(self, loaded: _Loaded) -> bool:
+        """Whether a sample of a call on `loaded` is still running in its engine (a pump that
+        has not finished: its vLLM request may still compute tokens)."""
+        return any(not task.done() for call in self._calls if call.loaded is loaded
+                   for task in call.tasks.values())
 
     def _retire(self, loaded: _Loaded) -> None:
         """Stop `loaded` once its last call is done."""
