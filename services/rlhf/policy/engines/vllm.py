@@ -48,7 +48,8 @@ How the contract of `base.py` is kept:
 - Versions: every `generate()` call is pinned to one engine and version, and every delta
   carries it as `SampleDelta.ref`. `load_version` reloads the weights in place when the shapes
   are the serving ones: new calls wait at a gate while the calls in flight finish on the old
-  weights, then the engine core's pause (mode "wait": `pause_generation` without its 20 ms
+  weights (their samples in the engine, not their readers: a stalled reader's deltas wait in
+  its call's queue), then the engine core's pause (mode "wait": `pause_generation` without its 20 ms
   sleep), `collective_rpc("rlhf_reload_weights",
   weights_path=...)` (vLLM's `reload_weights` plus a re-pack of tied layers on the CPU build,
   see `vllm_worker.py`: exact for tied embeddings too), `reset_prefix_cache()`,
