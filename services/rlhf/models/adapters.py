@@ -282,9 +282,9 @@ def load_for_serving(model_dir: str | Path, kind: str, *, dtype: str = "float32"
     if kind not in SERVING_TASK_TYPES:
         raise ValueError(f"load_for_serving: kind must be one of {sorted(SERVING_TASK_TYPES)}, "
                          f"not {kind!r}")
-    load = load_reward_model if kind == "reward" else load_causal_lm
     adapter = adapter_version(model_dir)
     if adapter is None:
+        load = load_reward_model if kind == "reward" else load_causal_lm
         model, base = load(model_dir, dtype=dtype, device=device), None
     else:
         task = lora_config(adapter.adapter_dir).get("task_type")
@@ -293,10 +293,9 @@ def load_for_serving(model_dir: str | Path, kind: str, *, dtype: str = "float32"
             raise UnsafeCheckpoint(
                 f"{adapter.adapter_dir}: a LoRA adapter of peft task_type {task!r} cannot be "
                 f"served as a {kind} model (it needs task_type {wanted})")
-        with torch.no_grad():
-            peft_model = load_adapter_model(load(adapter.base_dir, dtype=dtype, device=device),
-                                            adapter.adapter_dir, strict=True)
-            model = peft_model.merge_and_unload()
+        with torch.no_grad():  # the loader the task type names: the kind's, checked above
+            model = load_base_and_adapter(adapter.base_dir, adapter.adapter_dir, dtype=dtype,
+                                          device=device, strict=True).merge_and_unload()
         base = adapter.base
     model.eval()
     model.requires_grad_(False)
@@ -313,11 +312,12 @@ def _load_base(base_dir: str | Path, task_type: str | None, *, dtype: str = "flo
 
 
 def load_base_and_adapter(base_dir: str | Path, adapter_dir: str | Path, *,
-                          dtype: str = "float32", device: str = "cpu"):
-    """A fresh base + adapter model (a reward model for a SEQ_CLS adapter), eval mode."""
+                          dtype: str = "float32", device: str = "cpu", strict: bool = False):
+    """A fresh base + adapter model (a reward model for a SEQ_CLS adapter), eval mode;
+    `strict` as in `load_adapter_model`."""
     cfg = lora_config(adapter_dir)
     return load_adapter_model(_load_base(base_dir, cfg.get("task_type"), dtype=dtype,
-                                         device=device), adapter_dir)
+                                         device=device), adapter_dir, strict=strict)
 
 
 def _copy_tokenizer_files(base_dir: Path, out: Path) -> None:
