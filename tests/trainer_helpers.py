@@ -87,6 +87,52 @@ async def until(cond: Callable[[], object], *, timeout: float, what: str,
         await asyncio.sleep(interval)
 
 
+
+def swap_under_clients(served, registry, name: str, versions, answer, right, *,
+                       on_swapped: Callable[[str], None] | None = None,
+                       timeout: float = 60.0) -> None:
+    """Activate each of `versions` of `name` in turn while two clients call `answer(served)` ->
+    (version, values) back to back: no call fails, every answer is right for the version it
+    names (`right(version, values)`), each version answers after its swap. `on_swapped(version)`
+    runs once the service serves it (more checks of the caller's)."""
+    import threading
+
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    wrong: list[tuple] = []
+    seen: set[str] = set()
+
+    def client():
+        while not stop.is_set():
+            try:
+                version, values = answer(served)
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported
+                failures.append(exc)
+                return
+            seen.add(version)
+            if not right(version, values):
+                wrong.append((version, values))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for version in versions:
+            registry.activate(name, version)
+            wait_for(lambda: served.app.model.info.ref.version == version, timeout=timeout,
+                     what=f"swap to {version}")
+            if on_swapped is not None:
+                on_swapped(version)
+            seen.discard(version)
+            wait_for(lambda: version in seen or failures, timeout=timeout,
+                     what=f"answers of {version}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=timeout)
+    assert not failures, failures[:3]
+    assert not wrong, wrong[:3]
+
 def write_jsonl(path: Path, rows) -> Path:
     """`rows` (dicts) as a JSONL file at `path`."""
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))

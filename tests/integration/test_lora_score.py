@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
 from helpers import ADMIN_TOKEN, TEST_REDIS, ThreadedApp, make_settings, teacher_forced_logprobs
-from trainer_helpers import wait_for
+from trainer_helpers import swap_under_clients, wait_for
 
 from rlhf_client import ReferenceClient, RewardClient, RpcError
 from rlhf_client.registry import Registry
@@ -226,43 +225,6 @@ def _reference(served) -> tuple[str, list[list[float]]]:
     return res.model.version, [list(r.logprobs) for r in res.results]
 
 
-def _swap_under_clients(served, registry, name: str, versions, answer, right) -> None:
-    """Activate each of `versions` in turn while two clients call; no call fails, every answer
-    is right for the version it names (`right(version, values)`), each version answers."""
-    stop = threading.Event()
-    failures: list[BaseException] = []
-    wrong: list[tuple] = []
-    seen: set[str] = set()
-
-    def client():
-        while not stop.is_set():
-            try:
-                version, values = answer(served)
-            except BaseException as exc:  # noqa: BLE001 - every failure is reported
-                failures.append(exc)
-                return
-            seen.add(version)
-            if not right(version, values):
-                wrong.append((version, values))
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        for version in versions:
-            registry.activate(name, version)
-            wait_for(lambda: served.app.model.info.ref.version == version, timeout=60,
-                     what=f"swap to {version}")
-            seen.discard(version)
-            wait_for(lambda: version in seen or failures, timeout=60, what=f"answers of {version}")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    assert not failures, failures[:3]
-    assert not wrong, wrong[:3]
-
-
 def _refusals(served, registry, name: str, bad: dict, client_cls, answer, serving: str,
               right) -> None:
     """Each bad version is refused (registry and LoadVersion); `serving` answers on, unchanged."""
@@ -305,7 +267,7 @@ def test_reward_service_serves_a_reward_adapter_merged_on_its_base(lora_store, r
 def test_reward_swaps_adapter_base_adapter_fail_no_request(lora_store, reward_served, registry):
     ls = lora_store
     rewards = ls["rewards"]
-    _swap_under_clients(reward_served, registry, ls["rname"], (ls["rv1"], ls["ra"]), _score,
+    swap_under_clients(reward_served, registry, ls["rname"], (ls["rv1"], ls["ra"]), _score,
                         lambda v, got: v in rewards and _close(got, rewards[v]))
     with RewardClient(reward_served.target, timeout=60) as c:
         info = c.get_model()
@@ -345,7 +307,7 @@ def test_reference_service_follows_an_adapter_policy(lora_store, reference_serve
     base = logprobs[ls["pv1"]]
     assert max(abs(a - b) for g, w in zip(got, base) for a, b in zip(g, w)) > 1e-3  # not the base's
     # the policy name's versions carry policy probes: checked in one teacher-forced pass
-    _swap_under_clients(reference_served, registry, ls["pname"], (ls["pv1"], ls["pa"]),
+    swap_under_clients(reference_served, registry, ls["pname"], (ls["pv1"], ls["pa"]),
                         _reference, right)
     assert reference_served.app.model.info.base.version == ls["pv1"]
 

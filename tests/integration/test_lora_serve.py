@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 from helpers import TEST_REDIS, VLLM_SETTINGS, ThreadedApp, make_settings
-from trainer_helpers import wait_for
+from trainer_helpers import swap_under_clients, wait_for
 
 from rlhf_client import PolicyClient, SamplingParams
 from rlhf_client.registry import Registry
@@ -140,47 +139,20 @@ def _swap_and_check(served, ls, registry, backend: str) -> None:
     """a1 → a2 → a1 → v1 (the base) → a2 under concurrent clients; then bad adapters."""
     name, expected = ls["name"], ls["expected"]
     engine = served.app.model
-    stop = threading.Event()
-    failures: list[BaseException] = []
-    wrong: list[tuple] = []
-    seen: set[str] = set()
+    host = getattr(engine, "_host", None)
 
-    def client():
+    def on_swapped(version: str) -> None:
         with PolicyClient(served.target, timeout=120) as c:
-            while not stop.is_set():
-                try:
-                    res = c.generate(PROMPTS, GREEDY)
-                except BaseException as exc:  # noqa: BLE001 - every failure is reported
-                    failures.append(exc)
-                    return
-                got = [list(x.token_ids) for x in res.completions]
-                seen.add(res.model.version)
-                if got != expected.get(res.model.version):
-                    wrong.append((res.model.version, got))
+            base = c.get_model().base  # GetModel names an adapter's base
+        got = (base.name, base.version) if base else None
+        assert got == (None if version == ls["v1"] else (name, ls["v1"])), (version, got)
+        if backend == "hf" and version == ls["a1"]:
+            assert engine._host is host, "an adapter swap on the same base reloaded the base"
+            assert len(host.adapters()) <= 3  # unused adapters are dropped
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        host = getattr(engine, "_host", None)
-        for version in (ls["a2"], ls["a1"], ls["v1"], ls["a2"]):
-            registry.activate(name, version)
-            with PolicyClient(served.target, timeout=120) as c:
-                wait_for(lambda: c.get_model().model.version == version, timeout=120,
-                         what=f"{backend} on {version}")
-                base = c.get_model().base  # GetModel names an adapter's base
-                got = (base.name, base.version) if base else None
-                assert got == (None if version == ls["v1"] else (name, ls["v1"])), (version, got)
-            if backend == "hf" and version == ls["a1"]:
-                assert engine._host is host, "an adapter swap on the same base reloaded the base"
-                assert len(host.adapters()) <= 3  # unused adapters are dropped
-            wait_for(lambda: version in seen or failures, timeout=120, what=f"answers of {version}")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
-    assert not failures, failures[:3]
-    assert not wrong, wrong[:3]
+    swap_under_clients(served, registry, name, (ls["a2"], ls["a1"], ls["v1"], ls["a2"]), _served,
+                       lambda version, got: got == expected.get(version), on_swapped=on_swapped,
+                       timeout=120)
 
     # a bad adapter is refused; the old version keeps serving, unchanged
     a2 = ls["a2"]
