@@ -67,20 +67,10 @@ def _reward_adapter(base_dir: Path, seed: int):
 
 
 def _policy_adapter(base_dir: Path, seed: int):
-    """A CAUSAL_LM LoRA adapter with random (non-zero) B."""
-    from peft import LoraConfig, get_peft_model
+    """A CAUSAL_LM LoRA adapter with random (non-zero) B (test_lora_serve's, rank 4)."""
+    from test_lora_serve import _adapter
 
-    from rlhf.models.loading import load_causal_lm
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(base_dir), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.5)
-    return model
+    return _adapter(base_dir, seed, rank=4)
 
 
 def _rewards(model, tok) -> list[float]:
